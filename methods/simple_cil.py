@@ -1,0 +1,107 @@
+"""SimpleCIL: a frozen pretrained backbone and class-mean prototypes with a cosine classifier.
+
+Paper: Zhou, Cai, Ye, Zhan, Liu, "Revisiting Class-Incremental Learning with Pre-Trained Models:
+Generalizability and Adaptivity are All You Need", IJCV 2024, arXiv 2303.07338.
+Official code: zhoudw-zdw/RevisitingCIL; followed: sun-hailong/LAMDA-PILOT @ 2647455 `simplecil`.
+Spec: ../shared/specs/baselines.md §3.
+
+Implements:
+    p_c = mean of f(x) over class c's training images with test transforms   (after the task of c)
+    logit_c(x) = sigma * cos(f(x), p_c), sigma = 1 (untrained)
+No training at all: the backbone stays bit-identical and old prototypes never change.
+
+Deviations: none.
+
+Run: python train.py --method simple_cil --tasks 10
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backbone import ViT
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class Config:
+    sigma: float = 1.0
+    """cosine-classifier scale (untrained; PILOT: 1)"""
+    lr: float = 0.0
+    """unused: nothing trains"""
+    epochs: int = 0
+    """unused: nothing trains"""
+    batch_size: int = 128
+    """batch size of the prototype pass"""
+
+
+CHOICES: dict = {}
+
+# ----------------------------------------------------------------------------------------------------
+# Method
+
+
+class SimpleCIL(nn.Module):
+    def __init__(self, vit: ViT, num_classes: int, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.vit = vit
+        for p in vit.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("protos", torch.zeros(num_classes, vit.embed_dim))
+        self.register_buffer("n_seen", torch.zeros((), dtype=torch.long))
+
+    # -- contract --------------------------------------------------------------------------------
+    def grow(self, t: int, classes: list[int]) -> None:
+        assert classes[0] == int(self.n_seen), "tasks must grow in order"
+        self.n_seen.fill_(classes[-1] + 1)
+
+    def begin_task(self, t: int, classes: list[int], data) -> None:
+        pass
+
+    def optimizer(self, steps_per_epoch: int):
+        return None, None
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("SimpleCIL does not train")
+
+    @torch.no_grad()
+    def end_task(self, t: int, classes: list[int], data) -> None:
+        self.protos[classes] = class_means(self.vit, data.plain, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.protos[: int(self.n_seen)]
+        return self.cfg.sigma * F.normalize(self.vit(x).float(), dim=1) @ F.normalize(p, dim=1).T
+
+
+Method = SimpleCIL
+
+# ----------------------------------------------------------------------------------------------------
+# Utilities
+
+
+@torch.no_grad()
+def class_means(encoder: nn.Module, loader, classes: list[int]) -> torch.Tensor:
+    """Mean feature of every class in `classes` (rows in that order) over one pass of `loader`."""
+    lo = classes[0]
+    sums, counts = None, torch.zeros(len(classes), dtype=torch.float64)
+    was_training = encoder.training
+    encoder.eval()
+    for x, y in loader:
+        f = encoder(x.to(_device(encoder))).double().cpu()
+        if sums is None:
+            sums = torch.zeros(len(classes), f.shape[1], dtype=torch.float64)
+        sums.index_add_(0, y - lo, f)
+        counts.index_add_(0, y - lo, torch.ones(len(y), dtype=torch.float64))
+    encoder.train(was_training)
+    assert (counts > 0).all(), "a class of the task has no training image"
+    return (sums / counts[:, None]).float()
+
+
+def _device(m: nn.Module) -> torch.device:
+    return next(m.parameters()).device

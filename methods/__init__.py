@@ -24,8 +24,10 @@ Anything end_task decides with a data-dependent shape is kept in fixed-shape buf
 grow() alone rebuilds the structure a checkpoint needs.
 """
 from methods import seq_lora, simple_cil
+from methods import c_lora
 
 METHODS = {
     "seq_lora": seq_lora,
     "simple_cil": simple_cil,
+    "c_lora": c_lora,
 }

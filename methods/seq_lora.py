@@ -86,7 +86,12 @@ class QKVLoRA(nn.Module):
 class SeqLoRA(nn.Module):
     def __init__(self, vit: ViT, num_classes: int, cfg: Config):
         super().__init__()
-        assert cfg.rank >= 1 and set(cfg.targets) <= set("qkv") and cfg.targets, cfg
+        if cfg.rank < 1:
+            raise ValueError(f"--rank must be >= 1 (got {cfg.rank})")
+        if not cfg.targets or not set(cfg.targets) <= set("qkv"):
+            raise ValueError(f"--targets must be letters of q, k, v (got {cfg.targets!r})")
+        if cfg.loss not in CHOICES["loss"]:
+            raise ValueError(f"--loss must be one of {CHOICES['loss']}")
         self.cfg = cfg
         self.vit = vit
         self.num_classes = num_classes

@@ -146,6 +146,8 @@ class TrainArgs:
     """folder that receives the run directory"""
     resume: str = ""
     """a run directory to continue after its last finished task"""
+    stop_after: int = 0
+    """stop after this many finished tasks (0: run all); continue later with --resume"""
     quiet: bool = False
     """no progress bars"""
 
@@ -171,7 +173,8 @@ PRESETS = {
                   normalize="weights", train_aug="none", workers=0, epochs=3, batch_size=32),
 }
 METHOD_KEYS_FROM_PRESET = ("epochs", "batch_size", "lr")
-RESUME_FREE = {"resume", "device", "workers", "quiet", "out", "eval_batch_size", "data_root"}  # may differ on --resume
+# options that may differ on --resume (not properties of the run)
+RESUME_FREE = {"resume", "device", "workers", "quiet", "out", "eval_batch_size", "data_root", "stop_after"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,10 +311,10 @@ def merge_resume(run_given: dict, cfg_given: dict) -> tuple[dict, dict]:
             if k not in RESUME_FREE and k in have and have[k] != v:
                 raise UsageError(f"--resume {run_given['resume']}: the run has {k.replace('_', '-')}="
                                  f"{have[k]!r}, not {v!r}; start a new run instead")
-    for k in RESUME_FREE:
+    for k in RESUME_FREE:  # not properties of the run: from this command line, else the defaults
+        run_saved.pop(k, None)
         if k in run_given:
             run_saved[k] = run_given[k]
-    run_saved["resume"] = run_given["resume"]
     return run_saved, cfg_saved
 
 
@@ -532,6 +535,9 @@ def run(args: TrainArgs, cfg) -> str:
           f"{args.backbone} ({winfo['source']}), device {args.device}, amp {args.amp} -> {run_dir}", flush=True)
 
     for t in range(len(state["acc"]), T):
+        if args.stop_after and t >= args.stop_after:
+            print(f"stopped after task {t}/{T} (--stop-after); continue with --resume {run_dir}", flush=True)
+            return run_dir
         classes = stream.tasks[t]
         seed_everything(task_seed(args.seed, t))
         t0 = time.time()

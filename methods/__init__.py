@@ -24,10 +24,20 @@ Anything end_task decides with a data-dependent shape is kept in fixed-shape buf
 grow() alone rebuilds the structure a checkpoint needs.
 """
 from methods import seq_lora, simple_cil
+from methods import inflora
+from methods import sr2_lora
 from methods import c_lora
+from methods import cl_lora
+from methods import sd_lora
+from methods import keep_lora
 
 METHODS = {
     "seq_lora": seq_lora,
     "simple_cil": simple_cil,
+    "inflora": inflora,
+    "sr2_lora": sr2_lora,
     "c_lora": c_lora,
+    "cl_lora": cl_lora,
+    "sd_lora": sd_lora,
+    "keep_lora": keep_lora,
 }

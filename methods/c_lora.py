@@ -146,7 +146,7 @@ class LoRASite(nn.Module):
     def penalty(self, normalise: bool) -> torch.Tensor:
         """||Q_old^T R_delta||_F^2 (Eq. 26), in float32 even under autocast."""
         with torch.autocast(self.R_delta.device.type, enabled=False):
-            pen = (self.Q_old.T @ self.R_delta.float()).square().sum()  # Eq. 26
+            pen = (self.Q_old.T @ self.R_delta).square().sum()  # Eq. 26
             return pen / (self.Q_old.square().sum() + 1e-8) if normalise else pen
 
     @torch.no_grad()

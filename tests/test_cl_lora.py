@@ -1,0 +1,516 @@
+"""CL-LoRA: the invariants of specs/cl_lora.md §12 on a tiny random ViT (d = 32, 4 blocks, split l = 2)."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import backbone as bb
+from conftest import TINY, synthetic_task, tiny_vit
+from methods import cl_lora as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ([0, 1, 2], [3, 4, 5], [6, 7])  # uneven on purpose
+ranks = st.sampled_from([1, 2, 4])
+seeds = st.integers(0, 2**16)
+
+
+def make(rank=2, seed=0, **kw) -> M.CLLoRA:
+    m = M.Method(tiny_vit(seed), 8, M.Config(rank=rank, **kw))
+    torch.manual_seed(seed)
+    return m
+
+
+def data_of(t, seed=0):
+    return synthetic_task(TASKS[t], n_per_class=4, seed=seed, batch_size=6)
+
+
+def train_steps(m, t, steps, seed=0, double=False, grow=True):
+    """(grow +) begin_task + a few optimizer steps of task t; returns the data (end_task not called)."""
+    data = data_of(t, seed)
+    if grow:
+        m.grow(t, TASKS[t])
+    if double:
+        m.double()
+    m.begin_task(t, TASKS[t], data)
+    opt, sched = m.optimizer(len(data.train))
+    for step, (x, y) in enumerate(data.train):
+        if step == steps:
+            break
+        loss = m.loss(x.double() if double else x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return data
+
+
+@torch.no_grad()
+def randomize(m, seed, scale=0.3):
+    """Non-zero shared/specific Ups, teacher, block weights and prototypes (rows of different norms)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, v in m.named_parameters():
+        if ".Up." in name or ".mu." in name:
+            v.copy_(scale * torch.randn(v.shape, generator=g, dtype=torch.float64))
+    for name, v in m.named_buffers():
+        if "teacher" in name or name.startswith("protos"):
+            v.copy_(scale * torch.randn(v.shape, generator=g, dtype=torch.float64))
+
+
+def shared_ups(m):
+    return [a.lora.Up[p] for a in m.shared for p in M.TARGETS]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Orthogonality
+
+
+@given(r=ranks, d=st.sampled_from([8, 32, 192]), mode=st.sampled_from(M.CHOICES["orth_init"]), seed=seeds)
+def test_orthonormal_rows_and_their_construction(r, d, mode, seed):
+    torch.manual_seed(seed)
+    Dn = M.orthonormal_rows(r, d, mode)
+    assert Dn.shape == (r, d) and Dn.dtype == torch.float32
+    torch.testing.assert_close(Dn @ Dn.T, torch.eye(r), atol=1e-5, rtol=0)
+    torch.manual_seed(seed)  # the same draw, checked against an independent construction
+    if mode == "qr_uniform":
+        Mx = torch.rand(d, r, dtype=torch.float64)
+        R = Dn.double() @ Mx  # Dn = Q^T, so Dn M = R is upper triangular and M = Dn^T R
+        torch.testing.assert_close(R.tril(-1), torch.zeros(r, r, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(Dn.double().T @ R, Mx, atol=1e-5, rtol=0)
+    else:
+        Mx = torch.randn(r, d, dtype=torch.float64)
+        evals, evecs = torch.linalg.eigh(Mx @ Mx.T)  # polar(M) = (M M^T)^(-1/2) M
+        polar = evecs @ torch.diag(evals.rsqrt()) @ evecs.T @ Mx
+        torch.testing.assert_close(Dn.double(), polar, atol=1e-5, rtol=0)
+
+
+@settings(max_examples=2)
+@given(r=ranks, mode=st.sampled_from(M.CHOICES["orth_init"]), seed=seeds)
+def test_shared_dn_fixed_forever_and_new_dn_orthonormal(r, mode, seed):
+    m = make(r, seed, orth_init=mode)
+    dn0 = [a.lora.Dn[p].clone() for a in m.shared for p in M.TARGETS]
+    for D in dn0:
+        torch.testing.assert_close(D @ D.T, torch.eye(r), atol=1e-5, rtol=0)
+    for t in range(2):
+        m.grow(t, TASKS[t])
+        for a in m.specific:  # every new task-specific Dn is orthonormal at creation
+            for p in M.TARGETS:
+                D = a.branches[t].Dn[p]
+                torch.testing.assert_close(D @ D.T, torch.eye(r), atol=1e-5, rtol=0)
+        data = train_steps(m, t, steps=1, seed=seed, grow=False)
+        m.end_task(t, TASKS[t], data)
+        assert all(not a.lora.Dn[p].requires_grad for a in m.shared for p in M.TARGETS)
+        assert all(torch.equal(D, a.lora.Dn[p]) for D, (a, p) in zip(dn0, [(a, p) for a in m.shared for p in "qv"]))
+    assert any(a.lora.Up[p].abs().sum() > 0 for a in m.shared for p in M.TARGETS)  # the trunk did train
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Zero-init identity
+
+
+@settings(max_examples=5)
+@given(r=ranks, seed=seeds, sigma=st.floats(0.1, 10))
+def test_zero_init_branches_equal_the_plain_vit(r, seed, sigma):
+    plain = tiny_vit(seed)
+    m = make(r, seed)
+    for t in range(3):
+        m.grow(t, TASKS[t])
+    with torch.no_grad():
+        for a in m.specific:
+            for mu in a.mu:
+                mu.uniform_(-3, 3)  # any block weights
+        m.head.sigma.fill_(sigma)
+    x = torch.rand(5, 3, 16, 16)
+    f = plain(x)
+    s = m.trunk(x)
+    for i in range(3):
+        assert torch.equal(m.branch(s, i), f)
+    assert torch.equal(m.early_exit(s), plain.norm(plain.blocks[1](plain.blocks[0](plain.embed(x))))[:, 0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Reassignment weights and the reassigned gradient
+
+
+@given(d=st.sampled_from([4, 32, 192]), r=ranks, seed=seeds, c=st.floats(1e-3, 1e3))
+def test_reassign_weights(d, r, seed, c):
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randn(d, r, generator=g, dtype=torch.float64) * torch.rand(d, 1, generator=g, dtype=torch.float64)
+    w = M.reassign_weights(P)
+    assert w.shape == (d,) and (w >= 0).all()
+    torch.testing.assert_close(w.sum(), torch.tensor(float(d), dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(M.reassign_weights(c * P), w, rtol=1e-9, atol=0)
+    equal = F.normalize(torch.randn(d, r, generator=g, dtype=torch.float64), dim=1) * c  # rows of equal norm
+    torch.testing.assert_close(M.reassign_weights(equal), torch.ones(d, dtype=torch.float64), rtol=1e-9, atol=0)
+    assert torch.equal(M.reassign_weights(torch.zeros(d, r)), torch.ones(d))  # degenerate: no reassignment
+
+
+@given(d=st.sampled_from([4, 32]), r=ranks, seed=seeds)
+def test_reassign_grad_function_scales_rows(d, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    up = torch.randn(d, r, generator=g, dtype=torch.float64, requires_grad=True)
+    w = M.reassign_weights(torch.randn(d, r, generator=g, dtype=torch.float64))
+    G = torch.randn(d, r, generator=g, dtype=torch.float64)
+    out = M.ReassignGrad.apply(up, w)
+    assert torch.equal(out, up)
+    (grad,) = torch.autograd.grad(out, up, G)
+    torch.testing.assert_close(grad, w[:, None] * G, rtol=1e-12, atol=0)
+    ratio = grad / G  # constant along each row
+    torch.testing.assert_close(ratio, ratio[:, :1].expand(d, r), rtol=1e-9, atol=0)
+    if torch.allclose(w, torch.ones_like(w)):
+        torch.testing.assert_close(grad, G)
+
+
+@settings(max_examples=3)
+@given(r=ranks, seed=seeds, detach=st.booleans())
+def test_loss_reassigns_only_the_kd_gradient_of_the_shared_up(r, seed, detach):
+    """One backward of loss() == CE/orth gradient + diag(w) KD gradient on the shared Up; all else untouched."""
+    m = make(r, seed, detach_teacher=detach)
+    data = data_of(0, seed)
+    m.grow(0, TASKS[0])
+    randomize(m, seed)
+    m.end_task(0, TASKS[0], data)  # teacher := the (random, non-zero) shared Up
+    m.grow(1, TASKS[1])
+    m.double()
+    randomize(m, seed + 1)  # student != teacher, so the KD gradient is not zero
+    with torch.no_grad():
+        for a in m.shared:  # rows of very different norms, so w is far from 1
+            for p in M.TARGETS:
+                a.teacher(p).mul_(torch.logspace(-1, 1, a.teacher(p).shape[0], dtype=torch.float64)[:, None])
+    x, y = next(iter(data_of(1, seed).train))
+    x = x.double()
+    ups = shared_ups(m)
+    rest = [p for n, p in m.named_parameters() if p.requires_grad and ".lora.Up." not in n]
+    params = ups + rest
+
+    def grads(loss):
+        return [torch.zeros_like(p) if g is None else g
+                for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+
+    raw = m.loss_terms(x, y, reassign=False)
+    g_ce = grads(raw["ce"] + raw["orth"])
+    g_kd = grads(raw["kd"])
+    g_all = grads(m.loss(x, y))
+    ws = [M.reassign_weights(a.teacher(p)) for a in m.shared for p in M.TARGETS]
+    assert all(w.std() > 0.1 for w in ws)
+    assert all(g.abs().max() > 1e-8 for g in g_kd[: len(ups)])
+    for i, (w, ga, gc, gk) in enumerate(zip(ws, g_all, g_ce, g_kd)):
+        torch.testing.assert_close(ga, gc + w[:, None] * gk, rtol=1e-9, atol=1e-14)
+        assert not torch.allclose(ga, gc + gk, rtol=1e-6, atol=0)  # the check would see a missing reassignment
+    for ga, gc, gk in zip(g_all[len(ups):], g_ce[len(ups):], g_kd[len(ups):]):
+        torch.testing.assert_close(ga, gc + gk, rtol=1e-9, atol=1e-14)  # classifier, specific, U: untouched
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. KD when teacher = student; Gibbs
+
+
+def kd_parts(m, x):
+    with torch.no_grad():
+        zt = m.head(m.early_exit(m.trunk(x, "teacher"))) / m.cfg.temperature
+    pt = F.softmax(zt, dim=1)
+    return m.cfg.lambda_kd * -(pt * F.log_softmax(zt, dim=1)).sum(1).mean()
+
+
+@settings(max_examples=2)
+@given(r=ranks, seed=seeds)
+def test_kd_at_teacher_equals_student_and_gibbs(r, seed):
+    m = make(r, seed)
+    data = train_steps(m, 0, steps=2, seed=seed)
+    m.end_task(0, TASKS[0], data)
+    m.grow(1, TASKS[1])
+    with torch.no_grad():
+        m.head.sigma.fill_(5.0)  # sharper targets than sigma = 1
+    x, y = next(iter(data_of(1, seed).train))
+    kd = m.loss_terms(x, y)["kd"]
+    grads = torch.autograd.grad(kd, shared_ups(m))
+    assert all(g.abs().max() <= 1e-6 for g in grads)
+    entropy = kd_parts(m, x)
+    torch.testing.assert_close(kd, entropy, rtol=1e-5, atol=1e-6)
+    assert entropy >= 0
+    randomize(m, seed)  # student (and teacher) moved: L_kd >= lambda1 H(p^T)
+    assert m.loss_terms(x, y)["kd"] >= kd_parts(m, x) - 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Freezing
+
+
+@settings(max_examples=3)
+@given(r=ranks, seed=seeds)
+def test_only_shared_up_current_branch_and_head_change(r, seed):
+    m = make(r, seed)
+    data = train_steps(m, 0, steps=2, seed=seed)
+    m.end_task(0, TASKS[0], data)
+    m.grow(1, TASKS[1])
+    opt, _ = m.optimizer(1)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in m.named_parameters()
+                if ".lora.Up." in n or ".branches.1." in n or n.endswith(".mu.1") or n.startswith("head.")}
+    assert trainable == expected
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for n, p in m.named_parameters() if n in expected}
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    train_steps(m, 1, steps=2, seed=seed, grow=False)
+    after = m.state_dict()
+    may_change = ("lora.Up.", ".branches.1.", ".mu.1", "head.")
+    for k, v in before.items():
+        if not any(s in k for s in may_change):
+            assert torch.equal(v, after[k]), k  # ViT, shared Dn, teacher, branch 0, U_0, prototypes
+    for k in ("vit.blocks.0.attn.qkv_adapter.lora.Up.q", "vit.blocks.3.attn.qkv_adapter.branches.1.Up.v",
+              "head.weight"):
+        assert not torch.equal(before[k], after[k]), k
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6-8. Branch locality, trunk sharing, cosine logits
+
+
+def three_tasks(r, seed):
+    m = make(r, seed)
+    for t in range(3):
+        m.grow(t, TASKS[t])
+    randomize(m, seed)
+    return m.eval()
+
+
+@settings(max_examples=4)
+@given(r=ranks, seed=seeds, j=st.integers(0, 2))
+def test_branch_locality(r, seed, j):
+    m = three_tasks(r, seed)
+    x = torch.rand(4, 3, 16, 16)
+    before = m(x)
+    with torch.no_grad():
+        for a in m.specific:
+            for p in a.branches[j].parameters():
+                p.add_(0.5 * torch.randn_like(p))
+            a.mu[j].mul_(-2)
+    after = m(x)
+    lo, hi = m.offsets[j], m.offsets[j + 1]
+    outside = torch.ones(before.shape[1], dtype=torch.bool)
+    outside[lo:hi] = False
+    assert torch.equal(before[:, outside], after[:, outside])
+    assert not torch.equal(before[:, lo:hi], after[:, lo:hi])
+
+
+@settings(max_examples=4)
+@given(r=ranks, seed=seeds)
+def test_trunk_once_equals_every_branch_from_scratch(r, seed):
+    m = three_tasks(r, seed)
+    x = torch.rand(4, 3, 16, 16)
+    logits = m(x)
+    assert logits.shape == (4, m.offsets[-1])
+    scratch = []
+    for i in range(3):  # the whole ViT again per branch, through its own forward
+        for a in m.specific:
+            a.active = i
+        f = m.vit(x)
+        p = getattr(m, f"protos_{i}")
+        scratch.append(F.normalize(f, dim=1) @ F.normalize(p, dim=1).T)
+    torch.testing.assert_close(logits, torch.cat(scratch, dim=1), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=3)
+@given(r=ranks, seed=seeds, c=st.floats(1e-2, 1e2))
+def test_cosine_logits(r, seed, c):
+    m = three_tasks(r, seed)
+    x = torch.rand(4, 3, 16, 16)
+    logits = m(x)
+    assert logits.abs().max() <= 1 + 1e-6
+    s = m.trunk(x)
+    for i in range(3):
+        f = m.branch(s, i)
+        torch.testing.assert_close(m.proto_logits(c * f, i), m.proto_logits(f, i), rtol=1e-5, atol=1e-6)
+    reversed_blocks = {i: m.proto_logits(m.branch(m.trunk(x), i), i) for i in (2, 1, 0)}  # another order
+    assert torch.equal(torch.cat([reversed_blocks[i] for i in range(3)], dim=1), logits)
+    with torch.no_grad():
+        for i in range(3):
+            getattr(m, f"protos_{i}").mul_(c)
+    torch.testing.assert_close(m(x), logits, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Orthogonality loss and the unused k row
+
+
+@given(n=st.integers(1, 4), cols=st.integers(1, 6), seed=seeds, c=st.floats(1e-2, 1e2))
+def test_orth_loss(n, cols, seed, c):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(3, cols, generator=g, dtype=torch.float64)
+    olds = [torch.randn(3, cols, generator=g, dtype=torch.float64) for _ in range(n)]
+    L = M.orth_loss(U, olds)
+    assert 0 <= L <= 1 + 1e-12
+    assert M.orth_loss(U, []) == 0
+    exact = M.orth_loss(U, olds, eps=0.0)  # without the code's eps the scale invariance is exact
+    torch.testing.assert_close(M.orth_loss(c * U, [c * o for o in olds], eps=0.0), exact, rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(M.orth_loss(U, [c * o for o in olds[:1]] + olds[1:], eps=0.0), exact,
+                               rtol=1e-9, atol=1e-15)
+    # x / (|x| + eps) = x^ (1 - eps / (|x| + eps)): the eps moves L_orth by at most eps/|U| + max_i eps/|U_i|
+    bound = 1e-8 * (1 / U.norm() + max(1 / o.norm() for o in olds))
+    assert abs(L - exact) <= bound * (1 + 1e-6)
+    u = U.flatten() / U.norm()
+    perp = [o - (o.flatten() @ u) * u.view_as(o) for o in olds]  # each orthogonal to vec U
+    assert M.orth_loss(U, perp) <= 1e-12
+    torch.testing.assert_close(M.orth_loss(U, [U]), torch.tensor(1.0, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(M.orth_loss(U, [-U]), torch.tensor(1.0, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@settings(max_examples=2)
+@given(r=ranks, seed=seeds)
+def test_orth_term_zero_at_task0_and_k_row_unused(r, seed):
+    m = make(r, seed)
+    m.grow(0, TASKS[0])
+    randomize(m, seed)
+    x, y = next(iter(data_of(0, seed).train))
+    assert set(m.loss_terms(x, y)) == {"ce"}  # no KD and no L_orth at t = 0
+    f = m.branch(m.trunk(x), 0)
+    with torch.no_grad():
+        for a in m.specific:
+            a.mu[0][M.ROW["k"]] += 10.0
+    assert torch.equal(m.branch(m.trunk(x), 0), f)
+    with torch.no_grad():
+        for a in m.specific:
+            a.mu[0][M.ROW["v"]] += 1.0
+    assert not torch.equal(m.branch(m.trunk(x), 0), f)
+    m.grow(1, TASKS[1])
+    terms = m.loss_terms(*next(iter(data_of(1, seed).train)))
+    expected = M.orth_loss(m.block_weights(1), [m.block_weights(0)]) * m.cfg.lambda_orth
+    assert m.block_weights(1).shape == (3, TINY.depth - m.l)
+    torch.testing.assert_close(terms["orth"], expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 10. Counting
+
+
+def stored(m, base_numel):
+    """What train.py reports (state dict minus the backbone), without the current local classifier."""
+    return sum(v.numel() for v in m.state_dict().values()) - base_numel - sum(p.numel() for p in m.head.parameters())
+
+
+@settings(max_examples=3)
+@given(r=ranks, seed=seeds)
+def test_parameter_counts_and_growth(r, seed):
+    m = make(r, seed)
+    base = sum(v.numel() for v in tiny_vit(seed).state_dict().values())
+    d, L, l = TINY.embed_dim, TINY.depth, m.l
+    assert l == L // 2
+    prev = None
+    for t in range(3):
+        m.grow(t, TASKS[t])
+        n = len(TASKS[t])
+        opt, _ = m.optimizer(1)
+        trainable = sum(p.numel() for g in opt.param_groups for p in g["params"] if p.requires_grad)
+        assert trainable == l * 2 * d * r + (L - l) * 2 * 2 * d * r + 3 * (L - l) + d * n + 1
+        now = stored(m, base)
+        if prev is not None:
+            assert now - prev == (L - l) * 2 * 2 * d * r + 3 * (L - l) + d * n
+        prev = now
+        assert m(torch.rand(2, 3, 16, 16)).shape == (2, m.offsets[-1])  # one logit per seen class
+
+
+@pytest.mark.parametrize("preset, rank, expected", [("vit_base_patch16_224", 10, 276_498),
+                                                    ("vit_small32", 10, 34_569), ("vit_small32", 8, 27_657)])
+def test_paper_and_small_counts(preset, rank, expected):
+    with torch.device("meta"):  # shapes only: no memory, no compute
+        m = M.Method(bb.ViT(bb.PRESETS[preset]), 100, M.Config(rank=rank))
+        m.grow(0, list(range(10)))
+    d = m.vit.embed_dim
+    assert m.l == len(m.vit.blocks) // 2
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == expected + d * 10 + 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# 11. Prototypes
+
+
+@settings(max_examples=3)
+@given(r=ranks, seed=seeds, bs=st.integers(1, 7))
+def test_prototypes_are_class_means_independent_of_order_and_batch(r, seed, bs):
+    m = make(r, seed)
+    data = train_steps(m, 0, steps=2, seed=seed)
+    m.end_task(0, TASKS[0], data)
+    P = m.protos_0.clone()
+    xs, ys = map(torch.cat, zip(*data.plain))
+    with torch.no_grad():
+        f = m.branch(m.trunk(xs), 0).double()
+    for k, c in enumerate(TASKS[0]):
+        torch.testing.assert_close(P[k].double(), f[ys == c].mean(0), rtol=1e-5, atol=1e-6)
+    other = torch.utils.data.DataLoader(data.plain.dataset, batch_size=bs, shuffle=True,
+                                        generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(m.class_means(other, 0, TASKS[0]), P, rtol=1e-5, atol=1e-6)
+    data1 = train_steps(m, 1, steps=2, seed=seed)
+    m.end_task(1, TASKS[1], data1)
+    assert torch.equal(m.protos_0, P)  # never recomputed
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config checks, resume, smoke
+
+
+@pytest.mark.parametrize("kw", [dict(rank=0), dict(rank=33), dict(split=4), dict(split=-1), dict(orth_init="x"),
+                                dict(lr=0.0), dict(temperature=0.0), dict(lambda_kd=-1.0), dict(momentum=1.0)])
+def test_bad_config_is_a_value_error(kw):
+    with pytest.raises(ValueError, match="--"):
+        M.Method(tiny_vit(), 8, M.Config(**kw))
+
+
+def test_grow_rebuilds_the_structure_of_a_checkpoint():
+    m = make(2, 0)
+    for t in range(2):
+        data = train_steps(m, t, steps=1, seed=t)
+        m.end_task(t, TASKS[t], data)
+    sd = copy.deepcopy(m.state_dict())
+    fresh = make(2, 1)
+    for t in range(2):
+        fresh.grow(t, TASKS[t])
+    fresh.load_state_dict(sd, strict=True)
+    x = torch.rand(3, 3, 16, 16)
+    assert torch.equal(fresh(x), m(x))
+
+
+def test_smoke_two_tasks_through_the_contract():
+    m = make(2, 0)
+    for t in range(2):
+        data = train_steps(m, t, steps=3, seed=t)
+        m.end_task(t, TASKS[t], data)
+        x, _ = next(iter(data.plain))
+        logits = m(x)
+        assert logits.shape == (len(x), m.offsets[-1]) and torch.isfinite(logits).all()
+
+
+def test_smoke_run_end_to_end(tmp_path):
+    subprocess.run([sys.executable, "train.py", "--method", "cl_lora", "--preset", "smoke", "--tasks", "2",
+                    "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True)
+    (res,) = list(tmp_path.rglob("results.json"))
+    out = json.loads(res.read_text())
+    acc = out["acc_matrix"]  # row t holds the tasks 0..t
+    assert [len(row) for row in acc] == [1, 2] and all(0 <= a <= 100 for row in acc for a in row)
+    per = out["per_task"]  # vit_tiny_test: d = 32, depth 2, so l = 1; digits: 5 classes per task; r = 10
+    d, L, l, r, n = 32, 2, 1, 10, 5
+    trainable = l * 2 * d * r + (L - l) * 2 * 2 * d * r + 3 * (L - l) + d * n + 1
+    assert [p["trainable_params"] for p in per] == [trainable, trainable]
+    assert per[1]["stored_params"] - per[0]["stored_params"] == (L - l) * 2 * 2 * d * r + 3 * (L - l) + d * n
+
+
+def test_bf16_autocast_step_and_forward():
+    """The cpu preset runs loss and forward under bf16 autocast: gradients stay float32 and finite."""
+    m = make(2, 0)
+    data = train_steps(m, 0, steps=1)
+    m.end_task(0, TASKS[0], data)
+    m.grow(1, TASKS[1])
+    x, y = next(iter(data_of(1).train))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m.loss(x, y)
+    loss.backward()
+    ups = shared_ups(m)
+    assert all(u.grad is not None and u.grad.dtype == torch.float32 and torch.isfinite(u.grad).all() for u in ups)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(x)
+    assert logits.dtype == torch.float32 and logits.shape == (len(x), m.offsets[-1])

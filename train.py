@@ -362,13 +362,19 @@ def setup(args: TrainArgs, cfg):
                                             args.normalize, args.train_aug)
     stream = cil_data.CIL(splits, order, sizes, train_tf, test_tf, cfg.batch_size, args.eval_batch_size,
                           args.workers, args.seed)
-    base_numel = sum(v.numel() for v in vit.state_dict().values())
+    base_numel = numel(vit.state_dict())
     seed_everything(args.seed)
     try:
         method = METHODS[args.method].Method(vit, N, cfg).to(args.device)
     except ValueError as e:  # the methods check their Config in __init__
         raise UsageError(f"{args.method}: {e}") from None
     return stream, method, winfo, base_numel
+
+
+def numel(state: dict) -> int:
+    """Elements stored in a state dict, each tensor counted once even if a module is registered twice."""
+    seen = {(v.data_ptr(), v.numel(), v.dtype) for v in state.values()}
+    return sum(n for _, n, _ in seen)
 
 
 def autocast(args: TrainArgs):
@@ -551,7 +557,7 @@ def run(args: TrainArgs, cfg) -> str:
         t1 = time.time()
         row, n_test = evaluate(method, stream, args, t)
         sd = method.state_dict()
-        stored = sum(v.numel() for v in sd.values()) - base_numel
+        stored = numel(sd) - base_numel
         state["acc"].append(row)
         state["n_test"] = n_test
         state["per_task"].append({

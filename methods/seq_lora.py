@@ -98,7 +98,7 @@ class SeqLoRA(nn.Module):
         for p in vit.parameters():
             p.requires_grad_(False)
         d = vit.embed_dim
-        self.loras = nn.ModuleList(attach(vit, "qkv_adapter", lambda i, attn: QKVLoRA(d, cfg.rank, cfg.targets)))
+        attach(vit, "qkv_adapter", lambda i, attn: QKVLoRA(d, cfg.rank, cfg.targets))
         self.heads = nn.ModuleList()
         self.offsets: list[int] = [0]  # K_t for every grown task, then C_t
 
@@ -134,6 +134,10 @@ class SeqLoRA(nn.Module):
         return self.logits(self.vit(x))
 
     # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def loras(self) -> list[QKVLoRA]:
+        return [blk.attn.qkv_adapter for blk in self.vit.blocks]
+
     def logits(self, f: torch.Tensor) -> torch.Tensor:
         return torch.cat([h(f) for h in self.heads], dim=1)
 

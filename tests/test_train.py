@@ -57,7 +57,7 @@ def test_smoke_run_writes_the_outputs(tmp_path, method):
     counts = [p["trainable_params"] for p in r["per_task"]]
     if method == "seq_lora":  # the shared LoRA (q, v of 2 blocks, r = 10, d = 32) plus the current head
         assert counts == [2 * 2 * 2 * 10 * 32 + 2 * 32 + 2] * 5
-        assert [p["stored_params"] for p in r["per_task"]] == [1280 + 66 * (t + 1) for t in range(5)]
+        assert [p["stored_params"] for p in r["per_task"]] == [2560 + 66 * (t + 1) for t in range(5)]
     else:
         assert counts == [0] * 5
 

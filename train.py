@@ -357,13 +357,13 @@ def setup(args: TrainArgs, cfg):
     except ValueError as e:
         raise UsageError(str(e)) from None
     order = cil_data.class_order(N, None if args.natural_order else args.order_seed)
+    seed_everything(args.seed)  # a random backbone (smoke) is part of the seeded initialisation
     vit, winfo = bb.create(args.backbone, args.weights)
     train_tf, test_tf = cil_data.transforms(vit.cfg.img_size, splits.native_size, winfo["mean"], winfo["std"],
                                             args.normalize, args.train_aug)
     stream = cil_data.CIL(splits, order, sizes, train_tf, test_tf, cfg.batch_size, args.eval_batch_size,
                           args.workers, args.seed)
     base_numel = numel(vit.state_dict())
-    seed_everything(args.seed)
     try:
         method = METHODS[args.method].Method(vit, N, cfg).to(args.device)
     except ValueError as e:  # the methods check their Config in __init__

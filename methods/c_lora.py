@@ -3,7 +3,8 @@
 Paper: Zhang, Bai, Yang, Liang, "C-LoRA: Continual Low-Rank Adaptation for Pre-trained Models",
 arXiv 2502.17920 (February 2025; preprint, venue not confirmed). Not to be confused with "CLoRA" (Controlled
 LoRA), "CL-LoRA" (He et al., CVPR 2025; methods/cl_lora.py) or "C-LoRA" (Smith et al., 2023, diffusion).
-Official code: none released. Spec: ../shared/specs/c_lora.md.
+Official code: none released. Spec: ../shared/specs/c_lora.md. No code was followed for the method; the
+optional classifier alignment follows protocol.md §8 (PILOT SLCA / InfLoRA-CA), as methods/inflora.py does.
 
 THIS FILE IS A RECONSTRUCTION. Provenance tags (spec §0) are kept in the comments:
     [FORMAL]  the core algebra, from a third-party Lean formalisation of the paper's Eqs. 3-17 and 26:
@@ -22,6 +23,7 @@ Implements (PyTorch convention y = x W0^T + b; A = up (d_out x r), R (r x r), B 
     task boundary: R_old <- R_old + R_delta, R_delta <- 0 (the function is unchanged); A, B keep training
     inference: logits of all seen heads concatenated, argmax, no task id; the adapter equals the merged
         weight W0 + s A R_old B (`merged_vit`)
+    optional (off): SLCA-style classifier alignment of all heads on Gaussian class replay (protocol.md §8)
     Eqs. 4-5 (why one LoRA replaces many): R = blockdiag(w_t I) gives A R B = sum_t w_t A_t B_t.
 The adapter's size is fixed: per matrix r (d_in + d_out) + r^2 trainable values and r^2 buffer values (R_old),
 whatever the number of tasks; only the classifier grows.
@@ -40,7 +42,9 @@ Deviations (from the spec; there is no official code):
 - With `orth_normalise`, the penalty is divided by ||Q_old||_F^2 + 1e-8: the spec's ||R_old||_F^2 in the default
   mode; in `svd_topk` mode the basis is orthonormal and the divisor is k, which does not drift.
 - The head scale 30 is fixed (not learned), as the KeepLoRA+ head it borrows.
-- `classifier_alignment` (protocol.md §8, an ablation that is off by default) is not implemented.
+- `classifier_alignment` (off by default; protocol.md §8, preset `inflora_ca`) keeps the aligned heads: the
+  contract has no hook after evaluation, so PILOT's restore-after-evaluation variant is not offered. It samples
+  with torch's global generator (seeded by train.py).
 - The boundary test checks R_old_new == R_old_old + R_delta_old bit-exactly; the spec's literal
   "R_old_new - R_old_old == R_delta_old exactly" does not hold in floating point.
 
@@ -96,6 +100,20 @@ class Config:
     """epochs per task (spec §8, CIFAR [ASSUMED])"""
     batch_size: int = 64
     """training batch size (spec §8 [ASSUMED])"""
+    classifier_alignment: bool = False
+    """SLCA-style alignment of all heads after every task t >= 1 (protocol.md §8; an ablation, spec §7, C6)"""
+    ca_epochs: int = 5
+    """alignment epochs (protocol.md §8, preset inflora_ca: 5)"""
+    ca_lr: float = 0.01
+    """alignment SGD learning rate (momentum 0.9, cosine over the alignment epochs)"""
+    ca_weight_decay: float = 5e-4
+    """alignment SGD weight decay"""
+    ca_samples: int = 256
+    """Gaussian samples per class and epoch, also the alignment batch size (SLCA: 256)"""
+    ca_shrink: float = 1e-4
+    """covariance shrinkage delta: Sigma_c + delta I"""
+    ca_logit_norm: float = 0.1
+    """tau of the per-task logit normalisation during alignment (0: plain CE)"""
 
 
 CHOICES = {"orth_mode": ("r_old", "svd_topk"), "head": ("cosine_proto", "linear"),
@@ -202,6 +220,10 @@ class CLoRA(nn.Module):
             raise ValueError(f"orth_energy must be in (0, 1], got {cfg.orth_energy}")
         if cfg.epochs < 1 or cfg.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if cfg.classifier_alignment and (cfg.ca_epochs < 1 or cfg.ca_samples < 1 or cfg.ca_lr <= 0
+                                         or min(cfg.ca_shrink, cfg.ca_logit_norm, cfg.ca_weight_decay) < 0):
+            raise ValueError("classifier alignment needs ca_epochs, ca_samples >= 1, ca_lr > 0 and "
+                             "ca_shrink, ca_logit_norm, ca_weight_decay >= 0")
         self.cfg = cfg
         self.vit = vit
         self.num_classes = num_classes
@@ -214,6 +236,9 @@ class CLoRA(nn.Module):
             attach(vit, "out_adapter", lambda i, attn: LoRASite(d, d, r, s, sg))
         self.heads = nn.ModuleList()
         self.offsets: list[int] = [0]  # K_t for every grown task, then C_t
+        if cfg.classifier_alignment:  # class statistics, frozen at their task (fixed shapes for resume)
+            self.register_buffer("ca_mean", torch.zeros(num_classes, d, dtype=torch.float64))
+            self.register_buffer("ca_cov", torch.zeros(num_classes, d, d))
 
     # -- contract --------------------------------------------------------------------------------
     def grow(self, t: int, classes: list[int]) -> None:
@@ -255,6 +280,13 @@ class CLoRA(nn.Module):
         for site in self.sites():
             site.consolidate()  # R_old <- R_old + R_delta; R_delta <- 0
         self.heads[t].requires_grad_(False)
+        if self.cfg.classifier_alignment:
+            mean, cov = class_statistics(self.vit, data.plain, classes)
+            self.ca_mean[classes] = mean
+            self.ca_cov[classes] = cov.float()
+            if t >= 1:
+                with torch.enable_grad():
+                    self.align_heads(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.vit(x)
@@ -279,6 +311,40 @@ class CLoRA(nn.Module):
     def head_logits(head: nn.Module, f: torch.Tensor) -> torch.Tensor:
         with torch.autocast(f.device.type, enabled=False):  # the head in float32
             return head(f.float())
+
+    def align_heads(self, t: int) -> None:
+        """SLCA-style classifier alignment (protocol.md §8) on Gaussian replay: only the heads h_0..h_t change."""
+        cfg, C, d, n = self.cfg, self.offsets[-1], self.vit.embed_dim, self.cfg.ca_samples
+        device = self.ca_mean.device
+        sizes = [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+        task_of = torch.arange(t + 1).repeat_interleave(torch.tensor(sizes))
+        gamma = 0.9 + 0.1 * (task_of + 1).double() / (t + 1)  # mean decay; the newest task gets 1
+        means = (gamma.to(device)[:, None] * self.ca_mean[:C]).float()
+        eye = torch.eye(d, dtype=torch.float64, device=device)
+        tril = torch.linalg.cholesky(self.ca_cov[:C].double() + cfg.ca_shrink * eye).float()  # Sigma_c + delta I
+        params = list(self.heads.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.SGD(params, lr=cfg.ca_lr, momentum=0.9, weight_decay=cfg.ca_weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.ca_epochs)
+        with torch.autocast(device.type, enabled=False):
+            for _ in range(cfg.ca_epochs):
+                feats = (means[:, None, :] + torch.randn(C, n, d, device=device) @ tril.transpose(1, 2)).reshape(-1, d)
+                labels = torch.arange(C, device=device).repeat_interleave(n)
+                perm = torch.randperm(C * n).to(device)
+                feats, labels = feats[perm], labels[perm]
+                for i in range(C):  # |C_<=t| batches of n samples per epoch
+                    z = torch.cat([h(feats[i * n:(i + 1) * n]) for h in self.heads], dim=1)
+                    if cfg.ca_logit_norm > 0:
+                        z = task_normalised(z, sizes, cfg.ca_logit_norm)
+                    loss = F.cross_entropy(z, labels[i * n:(i + 1) * n])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                sched.step()
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
 
     @torch.no_grad()
     def merged_vit(self) -> ViT:
@@ -342,3 +408,32 @@ def class_means(encoder: nn.Module, loader, classes: list[int]) -> torch.Tensor:
     encoder.train(was_training)
     assert (counts > 0).all(), "a class of the task has no training image"
     return (sums / counts[:, None]).float()
+
+
+@torch.no_grad()
+def class_statistics(encoder: nn.Module, loader, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance (float64) of f(x) for every class of `classes`, in order."""
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    feats, ys = [], []
+    with torch.autocast(device.type, enabled=False):
+        for x, y in loader:
+            feats.append(encoder(x.to(device)).double())
+            ys.append(y.to(device))
+    encoder.train(was_training)
+    feats, ys = torch.cat(feats), torch.cat(ys)
+    means, covs = [], []
+    for c in classes:
+        f = feats[ys == c]
+        assert len(f) > 0, f"class {c} has no training image"
+        mu = f.mean(0)
+        means.append(mu)
+        covs.append((f - mu).T @ (f - mu) / max(len(f) - 1, 1))
+    return torch.stack(means), torch.stack(covs)
+
+
+def task_normalised(z: torch.Tensor, sizes: list[int], tau: float) -> torch.Tensor:
+    """z / (tau * mean_s ||z_{C_s}||_2): the per-task logit normalisation of SLCA / InfLoRA-CA."""
+    norms = torch.stack([b.norm(dim=1) + 1e-7 for b in z.split(sizes, dim=1)], dim=1).mean(1, keepdim=True)
+    return z / norms / tau

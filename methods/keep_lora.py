@@ -235,6 +235,8 @@ class KeepLoRA(nn.Module):
         with torch.no_grad(), torch.autocast(self.vit.cls_token.device.type, enabled=False):
             for _, _, site in self.sites():
                 site.reset()  # step 1: A, B <- 0 (they already are after a merge)
+            for a in self.adapters():
+                a.active = False  # the prototypes and the gradient see the plain (merged) backbone
             if t == 0:
                 self.init_weight_bases()  # Q <- W_p, once, from the pretrained weights
             # step 2 (K5): the head starts at the normalised class means, before the gradient is estimated
@@ -388,7 +390,7 @@ def weight_basis(W: torch.Tensor, eps: float, side: str = "input", rule: str = "
     share = (S**2).cumsum(0) / (S**2).sum()
     below = int((share < eps).sum())
     p = max(1, below) if rule == "official" else min(below + 1, len(S))
-    return (Vh.T if side == "input" else U)[:, :p]
+    return (Vh.T if side == "input" else U)[:, :p]  # Eq. 2
 
 
 def residual_lora_init(G: torch.Tensor, Q: torch.Tensor, rank: int, tol: float = 1e-8):
@@ -435,7 +437,7 @@ def grow_basis(Q: torch.Tensor, C: torch.Tensor, eps: float) -> torch.Tensor:
     new = U[:, :m]
     for _ in range(2):
         new = new - Q @ (Q.T @ new)
-    return torch.cat([Q, torch.linalg.qr(new).Q], dim=1)
+    return torch.cat([Q, torch.linalg.qr(new).Q], dim=1)  # Eq. 7
 
 
 class FeatureStats:

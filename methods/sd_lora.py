@@ -146,7 +146,7 @@ class QVAdapter(nn.Module):
         """(Up_k, Dn_k, w_k) of every stored component; w_k = s_k / nu_k for frozen ones, s_t for the current."""
         mags = self._mags[0]
         s, t, i = mags.scales(), len(self.comps) - 1, "qv".index(m)
-        return [(c.Up[m], c.Dn[m], s[k] / c.nu[i] if k == t else s[k] / c.nu[i])  # Eq. 4
+        return [(c.Up[m], c.Dn[m], s[k] if k == t else s[k] / c.nu[i])  # Eq. 4
                 for k, c in enumerate(self.comps) if mags.kept_list[k]]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -38,8 +38,10 @@ Deviations:
   effective value is the training wd, so `ca_weight_decay` defaults to 0.0; protocol.md §8 / the spec's 5e-4 is
   one flag away (--ca-weight-decay 5e-4).
 - The code's CA optimiser also holds the (unused) heads of future tasks; here only the heads of seen tasks.
-- Spectra are taken with eigvalsh of the symmetrised Gram, as in the code (cheap batched L x L solves on GPU);
-  the relation loss runs in float32 (autocast off) because eigen-solvers have no bf16 kernels.
+- The relation loss runs in float32 with autocast off (eigen-solvers have no bf16 kernels). Spectra come from
+  eigvalsh of the symmetrised Gram, as in the code (batched L x L solves), with the current and the previous
+  model's matrices in ONE solver call: a values-only solve and a with-vectors solve round differently, and
+  the loss must be exactly 0 when the two models agree (first step of a task).
 - Gaussian replay draws x = mu + L eps with L = cholesky(Sigma + 1e-2 I) computed once per alignment
   (float64), instead of a MultivariateNormal per class per epoch: the same distribution, a different RNG stream.
   Means are stored in float64 (protocol.md §8), covariances in float32 (half the checkpoint size).
@@ -189,7 +191,7 @@ class SR2LoRA(nn.Module):
         for p in vit.parameters():
             p.requires_grad_(False)
         d = vit.embed_dim
-        self.loras = nn.ModuleList(attach(vit, "qkv_adapter", lambda i, attn: TaskLoRA(d, cfg.rank, cfg.targets)))
+        attach(vit, "qkv_adapter", lambda i, attn: TaskLoRA(d, cfg.rank, cfg.targets))
         self.heads = nn.ModuleList()
         self.offsets: list[int] = [0]  # K_t for every grown task, then C_t
         self.sr_weight = cfg.sr_weight * (768 / d if cfg.sr_width_norm == "on" else 1.0)
@@ -249,6 +251,10 @@ class SR2LoRA(nn.Module):
         return self.logits(self.vit(x))
 
     # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def loras(self) -> list[TaskLoRA]:
+        return [blk.attn.qkv_adapter for blk in self.vit.blocks]
+
     def logits(self, f: torch.Tensor) -> torch.Tensor:
         return torch.cat([h(f) for h in self.heads], dim=1)
 
@@ -287,10 +293,7 @@ class SR2LoRA(nn.Module):
                 perm = torch.randperm(len(feats)).to(device)
                 for i in range(n_seen):  # |C_<=t| mini-batches of n, as in the code
                     idx = perm[i * n:(i + 1) * n]
-                    z = self.logits(feats[idx])
-                    entropy = -(z.softmax(1) * z.log_softmax(1)).sum(1).mean()
-                    z_norm = z / (cfg.ca_tau * (z.norm(dim=-1, keepdim=True) + 1e-7))
-                    loss = entropy + F.cross_entropy(z_norm, labels[idx])  # Eq. CA loss
+                    loss = alignment_loss(self.logits(feats[idx]), labels[idx], cfg.ca_tau)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -377,6 +380,13 @@ def gaussian_replay(mu: torch.Tensor, chol: torch.Tensor, n: int) -> torch.Tenso
     """n samples per class from N(mu_c, L_c L_c^T): (C, d), (C, d, d) -> (C, n, d). Uses torch's global RNG."""
     eps = torch.randn(mu.shape[0], n, mu.shape[1], device=mu.device, dtype=mu.dtype)
     return mu[:, None] + eps @ chol.transpose(1, 2)
+
+
+def alignment_loss(z: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
+    """SR²'s alignment loss: mean entropy of softmax(z) (minimised) + CE on the globally normalised logits."""
+    entropy = -(z.softmax(1) * z.log_softmax(1)).sum(1).mean()
+    z_norm = z / (tau * (z.norm(dim=-1, keepdim=True) + 1e-7))
+    return entropy + F.cross_entropy(z_norm, y)  # Eq. CA loss (spec §8)
 
 
 def inflora_cosine(epochs: int, steps_per_epoch: int):

@@ -491,9 +491,42 @@ def test_autocast_keeps_penalty_and_heads_in_float32():
     assert pen.dtype == logits.dtype == loss.dtype == torch.float32 and torch.equal(pen, plain)
 
 
+@settings(max_examples=2)
+@given(seed=seeds)
+def test_classifier_alignment_changes_only_the_heads(seed):
+    runs = {}
+    for ca in (False, True):
+        torch.manual_seed(seed)
+        m = method(seed=seed, lr=1e-2, schedule="constant", classifier_alignment=ca, ca_epochs=2, ca_samples=8)
+        train_task(m, 0, [0, 1, 2], steps=2, seed=seed)
+        data = train_task(m, 1, [3, 4], steps=2, seed=seed)
+        runs[ca] = m
+        assert not any(p.requires_grad for p in m.heads.parameters())
+    plain, aligned = runs[False].state_dict(), runs[True].state_dict()
+    assert set(aligned) - set(plain) == {"ca_mean", "ca_cov"} and aligned["ca_cov"].shape == (12, 32, 32)
+    assert all(torch.equal(v, aligned[k]) for k, v in plain.items() if not k.startswith("heads."))
+    assert all(not torch.equal(v, aligned[k]) for k, v in plain.items() if k.startswith("heads."))
+    mean, cov = c_lora.class_statistics(runs[True].vit, data.plain, [3, 4])
+    assert torch.equal(aligned["ca_mean"][3:5], mean) and not aligned["ca_mean"][5:].any()
+    assert torch.allclose(aligned["ca_cov"][3:5].double(), cov, atol=1e-6)
+
+
+@given(n=st.integers(1, 6), sizes=st.lists(st.integers(1, 4), min_size=1, max_size=4), seed=seeds,
+       tau=st.floats(0.01, 1.0))
+def test_task_normalised_logits_keep_the_argmax(n, sizes, seed, tau):
+    z = torch.randn(n, sum(sizes), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    zn = c_lora.task_normalised(z, sizes, tau)
+    ratio = z / zn  # one positive factor per row: tau * mean_s ||z_{C_s}||
+    assert (ratio > 0).all() and torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-12)
+    want = tau * torch.stack([b.norm(dim=1) + 1e-7 for b in z.split(sizes, dim=1)]).mean(0)
+    assert torch.allclose(ratio[:, 0], want, rtol=1e-12)
+    assert torch.equal(zn.argmax(1), z.argmax(1))
+
+
 @pytest.mark.parametrize("bad", [dict(rank=0), dict(rank=1000), dict(targets="qx"), dict(targets=""),
                                  dict(targets="qq"), dict(orth_mode="full"), dict(head="mlp"), dict(lambda_orth=-1.0),
-                                 dict(lr=0.0), dict(orth_energy=0.0), dict(epochs=0), dict(schedule="step")])
+                                 dict(lr=0.0), dict(orth_energy=0.0), dict(epochs=0), dict(schedule="step"),
+                                 dict(classifier_alignment=True, ca_samples=0)])
 def test_bad_config_is_a_value_error(bad):
     with pytest.raises(ValueError):
         c_lora.CLoRA(tiny_vit(), 10, c_lora.Config(**bad))

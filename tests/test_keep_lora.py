@@ -280,7 +280,7 @@ def cfg_strategy():
                      epochs=st.just(1))
 
 
-@settings(max_examples=6)
+@settings(max_examples=10)
 @given(cfg=cfg_strategy(), seed=st.integers(0, 2**16))
 def test_function_preserved_at_task_start(cfg, seed):
     """K-I4: after begin_task (A, B_0, W <- W - s (A B_0)^T) the backbone computes the same function (fp32)."""
@@ -301,7 +301,7 @@ def test_function_preserved_at_task_start(cfg, seed):
         assert moved == 0 and all(s.B.abs().max() == 0 for _, _, s in m.sites())
 
 
-@settings(max_examples=6)
+@settings(max_examples=10)
 @given(cfg=cfg_strategy(), opt_name=st.sampled_from(["method", "sgd", "adam", "adamw_wd", "random"]),
        n=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_protected_inputs_keep_their_outputs(cfg, opt_name, n, seed):
@@ -336,7 +336,7 @@ def test_protected_inputs_keep_their_outputs(cfg, opt_name, n, seed):
     assert changed  # B did move: the property is not vacuous
 
 
-@settings(max_examples=4)
+@settings(max_examples=6)
 @given(r=ranks, tg=targets, lr=st.sampled_from([0.1, 1.0, 10.0]), seed=st.integers(0, 2**16))
 def test_prop_3_1_and_gradient_init(r, tg, lr, seed):
     """K-I6 (Prop. 3.1): one plain SGD step on B moves W_eff^T by -lr s^2 A A^T G (float64).
@@ -396,7 +396,7 @@ def test_prop_3_1_and_gradient_init(r, tg, lr, seed):
         assert float((dW.T - expected).norm()) <= 1e-9 * float(expected.norm()) + 1e-15
 
 
-@settings(max_examples=4)
+@settings(max_examples=6)
 @given(cfg=cfg_strategy(), n=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_merge_is_exact(cfg, n, seed):
     """K-I7: merging (W^T + s A B, then A, B <- 0, adapters off) leaves the function unchanged (fp32)."""
@@ -450,7 +450,7 @@ def test_only_B_and_the_new_head_train():
     assert counts[0] == counts[1] == counts[2] == 4 * 4 * 4 * 32 + 3 * 32  # 4 blocks x q,k,v,o x r x d, + head
 
 
-@settings(max_examples=3)
+@settings(max_examples=4)
 @given(mode=st.sampled_from(["covariance", "official_mean"]), eps_f=st.sampled_from([0.9, 0.97, 0.99]),
        seed=st.integers(0, 2**16))
 def test_two_tasks_bases_and_forgetting_bound(mode, eps_f, seed):
@@ -556,7 +556,8 @@ def test_smoke_run_two_tasks(tmp_path):
     if not os.path.isfile(os.path.join(ROOT, "train.py")):
         pytest.skip("train.py is not there yet")
     subprocess.run([sys.executable, "train.py", "--method", "keep_lora", "--preset", "smoke", "--tasks", "2",
-                    "--epochs", "1", "--out", str(tmp_path), "--quiet"], cwd=ROOT, check=True, capture_output=True)
+                    "--epochs", "1", "--out", str(tmp_path), "--quiet"], cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # tiny ops: one thread is faster
     (res,) = list(tmp_path.rglob("results.json"))
     out = json.loads(res.read_text())
     acc = out["acc_matrix"]  # acc[t][j], j <= t (train.py: later tasks are not stored in a row)

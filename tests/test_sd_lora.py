@@ -459,18 +459,44 @@ def test_bad_config_is_a_value_error(bad):
         Method(tiny_vit(), 4, Config(**bad))
 
 
-@pytest.mark.parametrize("extra", [["--variant", "base"], ["--variant", "rr", "--rr-ranks", "6,3"],
-                                   ["--variant", "kd", "--kd-threshold", "relative", "--kd-tau", "2"]])
-def test_smoke_run(tmp_path, extra):
-    out = subprocess.run([sys.executable, "train.py", "--method", "sd_lora", "--preset", "smoke", "--tasks", "2",
-                          "--epochs", "1", "--out", str(tmp_path), *extra],
-                         cwd=ROOT, check=True, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
-    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+def _cli(*args):
+    p = subprocess.run([sys.executable, "train.py", "--method", "sd_lora", "--preset", "smoke", "--epochs", "1",
+                        *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def _results(out):
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
     res = json.loads((run / "results.json").read_text())
-    assert len(res["acc_matrix"]) == 2 and [len(row) for row in res["acc_matrix"]] == [1, 2]
+    for row in res["per_task"]:
+        for k in ("train_seconds", "seconds_per_step", "task_seconds", "eval_seconds"):
+            row.pop(k)
+    return run, res
+
+
+@pytest.mark.parametrize("variant", ["base", "rr"])
+def test_smoke_run(tmp_path, variant):
+    _cli("--tasks", "2", "--out", str(tmp_path), "--variant", variant, "--rr-ranks", "6,3")
+    _, res = _results(tmp_path)
+    assert [len(row) for row in res["acc_matrix"]] == [1, 2]
     d, depth = 32, 2  # smoke preset backbone: vit_tiny_test
-    r1 = 3 if "rr" in extra else 10
+    r1 = 3 if variant == "rr" else 10
     assert res["per_task"][1]["trainable_params"] == 4 * depth * d * r1 + 2 + 10 * (d + 1)
-    if "kd" in extra:  # a relative threshold of 2 always absorbs (rho <= |U_t|)
-        assert "absorbed" in out
+
+
+def test_smoke_run_kd_absorbs_and_resumes(tmp_path):
+    """-KD with a relative threshold of 2 always absorbs (rho <= |U_t|): tasks 2 and 3 are absorbed. A run stopped
+    after task 2 and resumed rebuilds the structure with grow() alone and ends exactly like an uninterrupted run."""
+    kd = ["--init-cls", "4", "--increment", "3", "--variant", "kd", "--kd-threshold", "relative", "--kd-tau", "2",
+          "--quiet"]
+    out = _cli(*kd, "--out", str(tmp_path / "a"))
+    assert out.count("absorbed into earlier magnitudes") == 2
+    _, a = _results(tmp_path / "a")
+    assert [len(row) for row in a["acc_matrix"]] == [1, 2, 3]
+    _cli(*kd, "--out", str(tmp_path / "c"), "--stop-after", "2")
+    run_c, _ = _results(tmp_path / "c")
+    subprocess.run([sys.executable, "train.py", "--resume", str(run_c), "--quiet"], cwd=ROOT, check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert _results(tmp_path / "c")[1] == a

@@ -443,7 +443,7 @@ def test_end_task_0_does_not_align_and_ca_none_skips_everything(built):
 
 def test_alignment_changes_only_the_heads_and_restores_their_trainability(task1):
     m, data = task1
-    before = snapshot(m)
+    before, trainable = snapshot(m), {n for n, p in m.named_parameters() if p.requires_grad}
     m.end_task(1, TASKS[1], data)
     after = snapshot(m)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -453,7 +453,26 @@ def test_alignment_changes_only_the_heads_and_restores_their_trainability(task1)
     assert {k for k in changed & stats} == stats  # task 1's statistics were written
     assert torch.equal(before["means"][:3], after["means"][:3])  # old statistics never change
     assert [p.requires_grad for p in m.heads.parameters()] == [False, False, True, True]
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == trainable
     assert all(p.grad is None for p in m.heads.parameters())
+
+
+@given(st.integers(0, 1000), st.integers(2, 8), st.floats(1.5, 4.0))
+def test_alignment_loss_minimises_entropy_and_normalises_the_ce(seed, n_cls, c):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(16, n_cls, generator=gen, dtype=D64) * 3
+    y = torch.randint(0, n_cls, (16,), generator=gen)
+    value = M.alignment_loss(z, y, 0.1)
+    entropy = -(z.softmax(1) * z.log_softmax(1)).sum(1).mean()
+    assert 0 <= float(entropy) <= float(value)  # both terms are non-negative
+    # CE on z / (tau ||z||) does not change when z is scaled, the entropy of softmax(z) falls: the loss falls
+    scaled = M.alignment_loss(c * z, y, 0.1)
+    scaled_entropy = -((c * z).softmax(1) * (c * z).log_softmax(1)).sum(1).mean()
+    assert float(scaled - scaled_entropy) == pytest.approx(float(value - entropy), rel=1e-6)
+    assert float(scaled) < float(value)
+    # per-sample: every row of z is normalised by its own norm (protocol.md §8 `sr2`: global over the classes)
+    rows = torch.stack([M.alignment_loss(z[i:i + 1], y[i:i + 1], 0.1) for i in range(len(z))])
+    assert float(value) == pytest.approx(float(rows.mean()), rel=1e-9)
 
 
 def test_alignment_uses_the_global_generator(built):

@@ -63,19 +63,19 @@ def test_smoke_run_writes_the_outputs(tmp_path, method):
 
 
 def test_same_seed_same_results_and_resume_equals_uninterrupted(tmp_path):
-    common = ["--method", "seq_lora", "--preset", "smoke", "--tasks", "3", "--quiet"]
+    common = ["--method", "seq_lora", "--preset", "smoke", "--tasks", "5", "--epochs", "1", "--quiet"]
     run_cli(*common, "--out", str(tmp_path / "a"))
     run_cli(*common, "--out", str(tmp_path / "b"))
     a, b = results(run_dir(tmp_path / "a")), results(run_dir(tmp_path / "b"))
     assert a == b
-    run_cli(*common, "--out", str(tmp_path / "c"), "--stop-after", "1")
+    run_cli(*common, "--out", str(tmp_path / "c"), "--stop-after", "2")
     c = run_dir(tmp_path / "c")
-    assert results(c)["tasks_done"] == 1
+    assert results(c)["tasks_done"] == 2
     p = run_cli("--resume", c, "--quiet")
     assert "resuming" in p.stdout
     assert results(c) == a
-    sd_a = torch.load(os.path.join(run_dir(tmp_path / "a"), "checkpoint_task3.pt"), weights_only=True)
-    sd_c = torch.load(os.path.join(c, "checkpoint_task3.pt"), weights_only=True)
+    sd_a = torch.load(os.path.join(run_dir(tmp_path / "a"), "checkpoint_task5.pt"), weights_only=True)
+    sd_c = torch.load(os.path.join(c, "checkpoint_task5.pt"), weights_only=True)
     assert sd_a.keys() == sd_c.keys() and all(torch.equal(sd_a[k], sd_c[k]) for k in sd_a)
 
 

@@ -74,7 +74,8 @@ class Config:
     kd_threshold: str = "absolute"
     """'kd': compare kd_tau with the residual rho ('absolute', paper) or with rho / |U_t| ('relative')"""
     kd_target: str = "update"
-    """'kd': fit the applied update s_t Up_t Dn_t ('update', function-preserving) or the direction ('direction', paper-literal)"""
+    """'kd': fit the applied update s_t Up_t Dn_t ('update', function-preserving) or the direction ('direction',
+    paper-literal)"""
     optimizer: str = "sgd"
     """'sgd' with momentum 0.9 (official code) or 'adam' (paper text)"""
     lr: float = 8e-3
@@ -231,7 +232,8 @@ class SDLoRA(nn.Module):
         """Spec §7: a new optimiser per task over the current component, all magnitudes and the head."""
         params = [p for p in self.parameters() if p.requires_grad]
         if self.cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+            opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                  weight_decay=self.cfg.weight_decay)
         else:
             opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         milestones = _ints(self.cfg.milestones)
@@ -284,7 +286,7 @@ class SDLoRA(nn.Module):
         rel = float(rho / norm_u) if norm_u > 0 else 0.0
         absorbed = (rel if self.cfg.kd_threshold == "relative" else float(rho)) <= self.cfg.kd_tau
         self.last_kd = {"task": t, "rho": float(rho), "rho_rel": rel, "absorbed": absorbed}
-        print(f"sd_lora-kd task {t}: residual {float(rho):.3e} (relative {rel:.3e}) -> "
+        print(f"sd_lora-kd task {t + 1}: residual {float(rho):.3e} (relative {rel:.3e}) -> "
               f"{'absorbed into earlier magnitudes' if absorbed else 'kept'}")
         if absorbed:
             mags.offset[ks] += c.to(mags.offset)  # delta_k += c_k (Eq. 8)
@@ -384,22 +386,22 @@ def _ints(text: str) -> list[int]:
 def _validate(cfg: Config) -> None:
     for field, allowed in CHOICES.items():
         if getattr(cfg, field) not in allowed:
-            raise ValueError(f"sd_lora: {field} must be one of {', '.join(allowed)}, got '{getattr(cfg, field)}'")
+            raise ValueError(f"{field} must be one of {', '.join(allowed)}, got '{getattr(cfg, field)}'")
     if cfg.rank < 1:
-        raise ValueError(f"sd_lora: rank must be >= 1, got {cfg.rank}")
+        raise ValueError(f"rank must be >= 1, got {cfg.rank}")
     try:
         ranks, milestones = _ints(cfg.rr_ranks), _ints(cfg.milestones)
     except ValueError:
-        raise ValueError("sd_lora: rr_ranks and milestones must be comma-separated integers") from None
+        raise ValueError("rr_ranks and milestones must be comma-separated integers") from None
     if not ranks or min(ranks) < 1:
-        raise ValueError(f"sd_lora: rr_ranks must list ranks >= 1, got '{cfg.rr_ranks}'")
+        raise ValueError(f"rr_ranks must list ranks >= 1, got '{cfg.rr_ranks}'")
     if milestones and min(milestones) < 1:
-        raise ValueError(f"sd_lora: milestones must be epochs >= 1, got '{cfg.milestones}'")
+        raise ValueError(f"milestones must be epochs >= 1, got '{cfg.milestones}'")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise ValueError(f"sd_lora: lr must be a positive number, got {cfg.lr}")
+        raise ValueError(f"lr must be a positive number, got {cfg.lr}")
     if not math.isfinite(cfg.alpha_init):
-        raise ValueError(f"sd_lora: alpha_init must be finite, got {cfg.alpha_init}")
+        raise ValueError(f"alpha_init must be finite, got {cfg.alpha_init}")
     if cfg.kd_tau < 0 or cfg.momentum < 0 or cfg.weight_decay < 0 or cfg.lr_decay <= 0:
-        raise ValueError("sd_lora: kd_tau, momentum and weight_decay must be >= 0 and lr_decay > 0")
+        raise ValueError("kd_tau, momentum and weight_decay must be >= 0 and lr_decay > 0")
     if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ValueError(f"sd_lora: epochs and batch_size must be >= 1, got {cfg.epochs}, {cfg.batch_size}")
+        raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs}, {cfg.batch_size}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 DATASETS = ("cifar100", "digits", "imagenet_r", "cub")
 
@@ -253,6 +253,33 @@ class TaskSubset(Dataset):
         return self.transform(img), int(self.table[y])
 
 
+class ShardedBatches(Sampler):
+    """Global batches of a seeded permutation; each of `world` processes takes every world-th index.
+
+    With world = 1 these are ordinary shuffled batches. Under torchrun every process sees the same global
+    batches as a single process would, split between the processes, so that averaging the gradients
+    (weighted by local batch size) reproduces single-process training. A last global batch smaller than
+    `world` is dropped (only then).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.epoch = n, batch_size, seed, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        for i in range(0, self.n, self.batch_size):
+            batch = perm[i : i + self.batch_size]
+            if len(batch) >= self.world:
+                yield batch[self.rank :: self.world].tolist()
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (rest >= self.world if rest else 0)
+
+
 @dataclass
 class TaskLoaders:
     """The data of one task handed to begin_task / end_task."""
@@ -289,7 +316,14 @@ class CIL:
                            num_workers=self.workers)
         return TaskLoaders(train=train, plain=plain)
 
-    def test_loader(self, t: int) -> DataLoader:
-        """Test images of every class seen up to and including task t."""
+    def train_loader(self, t: int, rank: int = 0, world: int = 1) -> DataLoader:
+        """The training loop's loader: this process's share of every global batch (ShardedBatches)."""
+        ds = self.train_set(t)
+        sampler = ShardedBatches(len(ds), self.batch_size, self.seed * 1000 + t, rank, world)
+        return DataLoader(ds, batch_sampler=sampler, num_workers=self.workers)
+
+    def test_loader(self, t: int, rank: int = 0, world: int = 1) -> DataLoader:
+        """Test images of every class seen up to and including task t (every world-th one for this rank)."""
         ds = TaskSubset(self.splits.test, self.originals(0, t), self.table, self.test_tf)
+        ds.idx = ds.idx[rank::world]
         return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.workers)

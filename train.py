@@ -166,9 +166,11 @@ CHOICES = {
 PRESETS = {
     "paper": dict(backbone="vit_base_patch16_224", weights="vit_base_patch16_224.augreg_in21k",
                   dataset="cifar100", amp="none", normalize="none_01", train_aug="rrc", workers=8),
+    # fp32, not bf16: on the 2-core benchmark machine bf16 autocast measured 2x slower per step at this
+    # width (192) and batch (bench/README.md); --amp bf16 is there for CPUs where it pays
     "cpu": dict(backbone="vit_small32", weights="$CIL_WEIGHTS|weights/vit_small32_cifar10.pth",
-                dataset="cifar100", amp="bf16", normalize="weights", train_aug="rrc", workers=0,
-                epochs=2, batch_size=64),
+                dataset="cifar100", amp="none", normalize="weights", train_aug="rrc", workers=0,
+                epochs=3, batch_size=64),
     "smoke": dict(backbone="vit_tiny_test", weights="random", dataset="digits", amp="none",
                   normalize="weights", train_aug="none", workers=0, epochs=3, batch_size=32),
 }
@@ -257,7 +259,9 @@ def resolve(run_given: dict, cfg_given: dict) -> tuple[TrainArgs, object]:
     if values["weights"].startswith("$CIL_WEIGHTS|"):
         values["weights"] = os.environ.get("CIL_WEIGHTS") or values["weights"].split("|", 1)[1]
     values["data_root"] = values["data_root"] or os.environ.get("CIL_DATA") or "data"
-    values["device"] = values["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    local = os.environ.get("LOCAL_RANK")  # set by torchrun: one GPU per process
+    values["device"] = values["device"] or (
+        ("cuda" if local is None else f"cuda:{local}") if torch.cuda.is_available() else "cpu")
     args = TrainArgs(**values)
     module = METHODS[args.method]
     cfg_values = {k: v for k, v in PRESETS[preset].items() if k in METHOD_KEYS_FROM_PRESET}
@@ -388,35 +392,78 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_task(method, data, args: TrainArgs, t: int, epochs: int) -> dict:
-    """Epochs of loss -> backward -> step. The loss is checked for NaN/inf without a sync per step."""
+@dataclass(frozen=True)
+class Dist:
+    """This process's place under torchrun (rank 0 of 1 otherwise)."""
+    rank: int = 0
+    world: int = 1
+
+    def sum_(self, x: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) in place across processes; a no-op in one process."""
+        if self.world > 1:
+            torch.distributed.all_reduce(x)
+        return x
+
+
+def init_dist() -> Dist:
+    """torch.distributed from torchrun's environment: NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if torch.cuda.is_available() and os.environ.get("CIL_DIST_BACKEND") != "gloo" else "gloo"
+    torch.distributed.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(torch.distributed.get_rank(), world)
+
+
+def average_gradients(params: list[torch.Tensor], n_local: int, n_global: int, dist: Dist) -> None:
+    """grad <- sum over processes of (n_local / n_global) * local grad: the gradient of the global batch mean."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if dist.world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads]) * (n_local / n_global)
+    dist.sum_(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def train_task(method, loader, args: TrainArgs, t: int, epochs: int, dist: Dist) -> dict:
+    """Epochs of loss -> backward -> (gradient averaging) -> step. NaN/inf is checked every 25 steps."""
     from tqdm import tqdm
 
-    opt, sched = method.optimizer(len(data.train))
+    opt, sched = method.optimizer(len(loader))
     stats = {"trainable_params": 0, "steps": 0, "train_seconds": 0.0, "loss": None}
     if opt is None or epochs == 0:
         return stats
-    stats["trainable_params"] = sum(p.numel() for g in opt.param_groups for p in g["params"] if p.requires_grad)
+    params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+    stats["trainable_params"] = sum(p.numel() for p in params)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
     method.train()
     t0 = time.time()
     for epoch in range(epochs):
+        loader.batch_sampler.set_epoch(epoch)
         pending, total, n = [], 0.0, 0
-        bar = tqdm(data.train, desc=f"task {t + 1} epoch {epoch + 1}/{epochs}", leave=False,
-                   disable=args.quiet or not sys.stderr.isatty())
+        bar = tqdm(loader, desc=f"task {t + 1} epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=args.quiet or dist.rank > 0 or not sys.stderr.isatty())
         for step, (x, y) in enumerate(bar):
             x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
             with autocast(args):
                 loss = method.loss(x, y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if dist.world > 1:
+                n_global = dist.sum_(torch.tensor([len(y)], device=args.device)).item()
+                average_gradients(params, len(y), n_global, dist)
             scaler.step(opt)
             scaler.update()
             if sched is not None:
                 sched.step()
             pending.append(loss.detach().float())
-            if len(pending) == 25 or step == len(data.train) - 1:
-                losses = torch.stack(pending).cpu()
+            if len(pending) == 25 or step == len(loader) - 1:  # one sync every 25 steps
+                losses = dist.sum_(torch.stack(pending)).cpu() / dist.world
                 if not torch.isfinite(losses).all():
                     bad = step - len(pending) + 1 + int((~torch.isfinite(losses)).nonzero()[0])
                     raise NonFiniteLoss(f"the loss became {float(losses[~torch.isfinite(losses)][0])} at task "
@@ -433,12 +480,15 @@ def train_task(method, data, args: TrainArgs, t: int, epochs: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(method, stream, args: TrainArgs, t: int) -> tuple[list[float], list[int]]:
-    """Accuracy (%) on the test images of every task j <= t, predictions over all C_t seen classes."""
+def evaluate(method, stream, args: TrainArgs, t: int, dist: Dist) -> tuple[list[float], list[int]]:
+    """Accuracy (%) on the test images of every task j <= t, predictions over all C_t seen classes.
+
+    Under torchrun each process scores every world-th test image and the counts are summed.
+    """
     method.eval()
     T_of = np.repeat(np.arange(t + 1), [len(stream.tasks[j]) for j in range(t + 1)])
-    correct, count = np.zeros(t + 1), np.zeros(t + 1, dtype=np.int64)
-    for x, y in stream.test_loader(t):
+    correct, count = np.zeros(t + 1), np.zeros(t + 1)
+    for x, y in stream.test_loader(t, dist.rank, dist.world):
         with autocast(args):
             logits = method(x.to(args.device))
         assert logits.shape[1] == len(T_of), f"forward gave {logits.shape[1]} logits for {len(T_of)} classes"
@@ -446,6 +496,8 @@ def evaluate(method, stream, args: TrainArgs, t: int) -> tuple[list[float], list
         y = y.numpy()
         np.add.at(correct, T_of[y], pred == y)
         np.add.at(count, T_of[y], 1)
+    both = dist.sum_(torch.tensor(np.stack([correct, count]), device=args.device)).cpu().numpy()
+    correct, count = both[0], both[1].astype(np.int64)
     return [round(100.0 * c / max(k, 1), 4) for c, k in zip(correct, count)], count.tolist()
 
 
@@ -509,9 +561,15 @@ def save_outputs(run_dir: str, state: dict, stream) -> None:
     plt.close(fig)
 
 
-def run(args: TrainArgs, cfg) -> str:
+def run(args: TrainArgs, cfg, dist: Dist = Dist()) -> str:
     stream, method, winfo, base_numel = setup(args, cfg)
     T = len(stream.sizes)
+    lead = dist.rank == 0  # only rank 0 prints and writes
+
+    def log(msg: str) -> None:
+        if lead:
+            print(msg, flush=True)
+
     state = {"acc": [], "n_test": [], "per_task": []}
     if args.resume:
         run_dir = args.resume
@@ -530,32 +588,38 @@ def run(args: TrainArgs, cfg) -> str:
                 raise UsageError(f"--resume {run_dir}: the checkpoint cannot be loaded ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:200]}); start a new run") from None
             state = done
-        print(f"resuming {run_dir} after task {k}/{T}", flush=True)
+        log(f"resuming {run_dir} after task {k}/{T}")
     else:
-        run_dir = new_run_dir(args)
-        write_json(os.path.join(run_dir, "config.json"), {
-            "run": dataclasses.asdict(args), "method_config": dataclasses.asdict(cfg),
-            "class_order": stream.order, "task_sizes": stream.sizes, "weights": winfo,
-            "git_sha": git_sha(), "torch": torch.__version__, "command": sys.argv})
-    print(f"{args.method} on {args.dataset}: {T} tasks {stream.sizes[:3]}{'...' if T > 3 else ''}, "
-          f"{args.backbone} ({winfo['source']}), device {args.device}, amp {args.amp} -> {run_dir}", flush=True)
+        run_dir = new_run_dir(args) if lead else ""
+        if dist.world > 1:
+            box = [run_dir]
+            torch.distributed.broadcast_object_list(box, src=0)
+            run_dir = box[0]
+        if lead:
+            write_json(os.path.join(run_dir, "config.json"), {
+                "run": dataclasses.asdict(args), "method_config": dataclasses.asdict(cfg),
+                "class_order": stream.order, "task_sizes": stream.sizes, "weights": winfo,
+                "processes": dist.world, "git_sha": git_sha(), "torch": torch.__version__, "command": sys.argv})
+    log(f"{args.method} on {args.dataset}: {T} tasks {stream.sizes[:3]}{'...' if T > 3 else ''}, "
+        f"{args.backbone} ({winfo['source']}), device {args.device} x {dist.world}, amp {args.amp} -> {run_dir}")
 
     for t in range(len(state["acc"]), T):
         if args.stop_after and t >= args.stop_after:
-            print(f"stopped after task {t}/{T} (--stop-after); continue with --resume {run_dir}", flush=True)
+            log(f"stopped after task {t}/{T} (--stop-after); continue with --resume {run_dir}")
             return run_dir
         classes = stream.tasks[t]
         seed_everything(task_seed(args.seed, t))
         t0 = time.time()
-        data = stream.task_data(t)
+        data = stream.task_data(t)  # the whole task, in every process, for the hooks
         method.grow(t, classes)
         method.to(args.device)
         method.begin_task(t, classes, data)
-        stats = train_task(method, data, args, t, cfg.epochs)
+        stats = train_task(method, stream.train_loader(t, dist.rank, dist.world), args, t, cfg.epochs, dist)
+        seed_everything(task_seed(args.seed, t) + 500)  # the processes agree again whatever training drew
         method.end_task(t, classes, data)
         task_seconds = time.time() - t0
         t1 = time.time()
-        row, n_test = evaluate(method, stream, args, t)
+        row, n_test = evaluate(method, stream, args, t, dist)
         sd = method.state_dict()
         stored = numel(sd) - base_numel
         state["acc"].append(row)
@@ -566,23 +630,23 @@ def run(args: TrainArgs, cfg) -> str:
             "train_seconds": round(stats["train_seconds"], 3),
             "seconds_per_step": round(stats["train_seconds"] / max(stats["steps"], 1), 5),
             "task_seconds": round(task_seconds, 3), "eval_seconds": round(time.time() - t1, 3)})
-        # checkpoint first, then the state that points at it, then drop the older checkpoint: a kill at any
-        # moment leaves a state.json whose checkpoint exists
-        atomic_write(os.path.join(run_dir, f"checkpoint_task{t + 1}.pt"), lambda p: torch.save(sd, p))
-        write_json(os.path.join(run_dir, "state.json"), state)
-        if os.path.exists(os.path.join(run_dir, f"checkpoint_task{t}.pt")):
-            os.remove(os.path.join(run_dir, f"checkpoint_task{t}.pt"))
-        save_outputs(run_dir, state, stream)
+        if lead:
+            # checkpoint first, then the state that points at it, then drop the older checkpoint: a kill at
+            # any moment leaves a state.json whose checkpoint exists
+            atomic_write(os.path.join(run_dir, f"checkpoint_task{t + 1}.pt"), lambda p: torch.save(sd, p))
+            write_json(os.path.join(run_dir, "state.json"), state)
+            if os.path.exists(os.path.join(run_dir, f"checkpoint_task{t}.pt")):
+                os.remove(os.path.join(run_dir, f"checkpoint_task{t}.pt"))
+            save_outputs(run_dir, state, stream)
         a = accuracy_curve(state["acc"], n_test)[-1]
         old = f"old {np.dot(row[:-1], n_test[:-1]) / max(sum(n_test[:-1]), 1):.2f}, " if t else ""
         loss = f"loss {stats['loss']:.4f}, " if stats["loss"] is not None else ""
-        print(f"task {t + 1}/{T} classes {classes[0]}-{classes[-1]}: acc {a:.2f} ({old}new {row[-1]:.2f}), "
-              f"{loss}trainable {stats['trainable_params']:,}, {task_seconds:.1f} s "
-              f"({stats['train_seconds'] / max(stats['steps'], 1):.3f} s/step), eval {time.time() - t1:.1f} s",
-              flush=True)
+        log(f"task {t + 1}/{T} classes {classes[0]}-{classes[-1]}: acc {a:.2f} ({old}new {row[-1]:.2f}), "
+            f"{loss}trainable {stats['trainable_params']:,}, {task_seconds:.1f} s "
+            f"({stats['train_seconds'] / max(stats['steps'], 1):.3f} s/step), eval {time.time() - t1:.1f} s")
     res = summary(state["acc"], state["n_test"])
-    print(f"done: last {res['last_acc']:.2f}, average incremental {res['avg_inc_acc']:.2f}, "
-          f"forgetting {res['forgetting']:.2f}, BWT {res['bwt']:.2f} -> {run_dir}", flush=True)
+    log(f"done: last {res['last_acc']:.2f}, average incremental {res['avg_inc_acc']:.2f}, "
+        f"forgetting {res['forgetting']:.2f}, BWT {res['bwt']:.2f} -> {run_dir}")
     return run_dir
 
 
@@ -597,7 +661,12 @@ def main(argv: list[str] | None = None) -> int:
         if "resume" in run_given:
             run_given, cfg_given = merge_resume(run_given, cfg_given)
         args, cfg = resolve(run_given, cfg_given)
-        run(args, cfg)
+        dist = init_dist()
+        try:
+            run(args, cfg, dist)
+        finally:
+            if dist.world > 1:
+                torch.distributed.destroy_process_group()
     except (UsageError, cil_data.DataError, bb.WeightsError, NonFiniteLoss) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Seconds per training step of every method, measured side by side in one process.
 
-    python bench/step_time.py                       # cpu preset shapes: vit_small32, batch 64, bf16
+    python bench/step_time.py                       # cpu preset shapes: vit_small32, batch 64, fp32
     python bench/step_time.py --device cuda --backbone vit_base_patch16_224 --batch-size 128 --amp bf16
 
 Each method is built on the same backbone, grown through two tasks of random 32 px images (so that methods
@@ -73,7 +73,7 @@ def main():
     p.add_argument("--backbone", default="vit_small32")
     p.add_argument("--weights", default="random")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", default="bf16", choices=["none", "bf16"])
+    p.add_argument("--amp", default="none", choices=["none", "bf16"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--per-class", type=int, default=32, help="images per class of the random tasks")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method and round")

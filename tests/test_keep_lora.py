@@ -516,6 +516,7 @@ def test_resume_rebuilds_structure():
     state = m.state_dict()
     assert not any(k.endswith(".A") for k in state)
     assert all(state[k].shape == (32, 32) for k in state if k.endswith(".Q"))
+    assert all(orth_err(s.basis().double()) <= 1e-6 for _, _, s in m.sites())  # K-I1 for the float32 buffers
     fresh = method(cfg, seed=5)
     for t, classes in enumerate(splits([3, 3])):
         fresh.grow(t, classes)

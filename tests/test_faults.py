@@ -1,0 +1,116 @@
+"""Runs that are large, long or misused: torchrun data parallelism, SIGKILL and resume, NaN losses."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from methods import seq_lora
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = {"train_seconds", "seconds_per_step", "task_seconds", "eval_seconds"}
+
+
+def env1():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CIL_DIST_BACKEND": "gloo"}
+
+
+def only_run(out):
+    (d,) = [os.path.join(out, x) for x in os.listdir(out)]
+    return d
+
+
+def load(d, name):
+    with open(os.path.join(d, name)) as f:
+        return json.load(f)
+
+
+def results(d):
+    r = load(d, "results.json")
+    for row in r["per_task"]:
+        for k in TIMING:
+            row.pop(k)
+    return r
+
+
+@pytest.mark.parametrize("method", ["inflora", "cl_lora"])  # a projection; a second forward pass (KD)
+def test_two_gloo_processes_match_one_process(tmp_path, method):
+    common = ["train.py", "--method", method, "--preset", "smoke", "--tasks", "2", "--epochs", "1",
+              "--batch-size", "32", "--quiet"]
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], cwd=ROOT, env=env1(),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *common, "--out", str(tmp_path / "two")], cwd=ROOT, env=env1(), capture_output=True,
+                         text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    d1, d2 = only_run(tmp_path / "one"), only_run(tmp_path / "two")
+    assert load(d2, "config.json")["processes"] == 2
+    assert results(d1)["acc_matrix"] == results(d2)["acc_matrix"]
+    s1 = torch.load(os.path.join(d1, "checkpoint_task2.pt"), weights_only=True)
+    s2 = torch.load(os.path.join(d2, "checkpoint_task2.pt"), weights_only=True)
+    assert s1.keys() == s2.keys()
+    # the parameters the last task trained (the rest is frozen or derived from them)
+    torch.manual_seed(0)
+    cfg = train.METHODS[method].Config(batch_size=32, epochs=1)
+    m = train.METHODS[method].Method(train.bb.create("vit_tiny_test")[0], 10, cfg)
+    for t in range(2):
+        m.grow(t, list(range(5 * t, 5 * t + 5)))
+    m.load_state_dict(s1)
+    trained = [k for k, p in m.named_parameters() if p.requires_grad]
+    assert trained
+    diff = max((s1[k].double() - s2[k].double()).abs().max().item() for k in trained)
+    assert diff <= 1e-5, diff
+
+
+def test_sigkill_mid_task_then_resume_equals_uninterrupted(tmp_path):
+    common = [sys.executable, "train.py", "--method", "seq_lora", "--preset", "smoke", "--tasks", "2",
+              "--epochs", "25", "--quiet"]
+    full = subprocess.run([*common, "--out", str(tmp_path / "full")], cwd=ROOT, env=env1(), capture_output=True,
+                          text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+    out = tmp_path / "killed"
+    p = subprocess.Popen([*common, "--out", str(out)], cwd=ROOT, env=env1(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until task 1 is finished and written
+        runs = os.listdir(out) if out.exists() else []
+        if runs and os.path.exists(os.path.join(out, runs[0], "state.json")):
+            break
+        time.sleep(0.02)
+    time.sleep(0.5)  # well inside task 2
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    d = only_run(out)
+    assert load(d, "state.json")["acc"] and len(load(d, "state.json")["acc"]) == 1, "not killed inside task 2"
+    r = subprocess.run([sys.executable, "train.py", "--resume", d, "--quiet"], cwd=ROOT, env=env1(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "after task 1/2" in r.stdout
+    a, b = results(only_run(tmp_path / "full")), results(d)
+    assert a == b and b["tasks_done"] == 2  # nothing lost, nothing repeated
+
+
+def test_nan_loss_names_task_epoch_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    orig = seq_lora.SeqLoRA.loss
+
+    def poisoned(self, x, y):  # task 2, third step
+        poisoned.calls = getattr(poisoned, "calls", 0) + (len(self.heads) == 2)
+        loss = orig(self, x, y)
+        return loss * float("nan") if poisoned.calls == 3 else loss
+
+    monkeypatch.setattr(seq_lora.SeqLoRA, "loss", poisoned)
+    code = train.main(["--method", "seq_lora", "--preset", "smoke", "--tasks", "2", "--epochs", "1", "--quiet",
+                       "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "task 2, epoch 1, step 3" in err and "nan" in err
+    d = only_run(tmp_path)
+    assert len(load(d, "state.json")["acc"]) == 1
+    assert os.path.exists(os.path.join(d, "checkpoint_task1.pt"))
+    assert len(load(d, "results.json")["acc_matrix"]) == 1  # what task 1 wrote is intact

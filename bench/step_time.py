@@ -41,7 +41,7 @@ def build(name, args):
     torch.manual_seed(0)
     vit, _ = bb.create(args.backbone, args.weights)
     module = METHODS[name]
-    cfg = dataclasses.replace(module.Config(), batch_size=args.batch_size, epochs=1)
+    cfg = dataclasses.replace(module.Config(), batch_size=args.batch_size, epochs=1000)  # schedules never run out
     m = module.Method(vit, 20, cfg).to(args.device)
     img = vit.cfg.img_size
     for t in range(2):

@@ -255,6 +255,8 @@ def resolve(run_given: dict, cfg_given: dict) -> tuple[TrainArgs, object]:
     preset = run_given.get("preset", TrainArgs.preset)
     values = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
     values.update({k: v for k, v in PRESETS[preset].items() if k in values})
+    if preset == "paper" and hasattr(METHODS[run_given["method"]], "PAPER_WEIGHTS"):
+        values["weights"] = METHODS[run_given["method"]].PAPER_WEIGHTS  # a method whose paper used other weights
     values.update(run_given)
     if values["weights"].startswith("$CIL_WEIGHTS|"):
         values["weights"] = os.environ.get("CIL_WEIGHTS") or values["weights"].split("|", 1)[1]

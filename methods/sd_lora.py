@@ -94,6 +94,10 @@ class Config:
     """training batch size (paper and code)"""
 
 
+# the backbone of the `paper` preset: SD-LoRA's code and logs use the IN-21K -> IN-1K fine-tuned ViT-B/16 of
+# timm >= 0.9 (protocol.md §6, §12), not the IN-21K weights the other methods start from
+PAPER_WEIGHTS = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
+
 CHOICES = {
     "variant": ("base", "rr", "kd"),
     "norm_mode": ("prod", "frob"),

@@ -184,3 +184,12 @@ def test_cifar_mini_run_with_small_vit(tmp_path):
             "--stop-after", "1")
     r = results(run_dir(tmp_path / "runs"))
     assert r["n_test"] == [150] and np.isfinite(r["per_task"][0]["final_loss"])
+
+
+def test_paper_preset_weights_per_method():
+    args, _ = train.resolve({"method": "sd_lora"}, {})
+    assert args.weights == "vit_base_patch16_224.augreg2_in21k_ft_in1k"  # SD-LoRA's code uses the IN-1K tag
+    args, _ = train.resolve({"method": "cl_lora"}, {})
+    assert args.weights == "vit_base_patch16_224.augreg_in21k" and args.backbone == "vit_base_patch16_224"
+    args, _ = train.resolve({"method": "sd_lora", "weights": "x.pth"}, {})
+    assert args.weights == "x.pth"

@@ -39,6 +39,25 @@ def synthetic_task(classes, n_per_class=8, img=16, seed=0, batch_size=16) -> Tas
     return TaskLoaders(train=train, plain=plain)
 
 
+def run_task(m, t, classes, steps=3, seed=0, end=True, n_per_class=6, batch_size=16) -> TaskLoaders:
+    """grow, begin_task, `steps` optimiser steps (cycling the loader), end_task: the contract as train.py drives it."""
+    data = synthetic_task(classes, n_per_class=n_per_class, seed=seed, batch_size=batch_size)
+    m.grow(t, classes)
+    m.begin_task(t, classes, data)
+    opt, sched = m.optimizer(len(data.train))
+    batches = [b for _ in range(steps) for b in data.train][:steps]
+    for x, y in batches:
+        loss = m.loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    if end:
+        m.end_task(t, classes, data)
+    return data
+
+
 @pytest.fixture
 def vit():
     return tiny_vit()

@@ -14,7 +14,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import backbone as bb
-from conftest import TINY, synthetic_task, tiny_vit
+from conftest import TINY, run_task, synthetic_task, tiny_vit
+from data import task_classes as splits  # global labels of each task
 from methods import METHODS, c_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,31 +54,9 @@ def method(cfg=None, seed=0, **kw) -> c_lora.CLoRA:
     return c_lora.CLoRA(tiny_vit(seed), 12, cfg or c_lora.Config(rank=4, **kw))
 
 
-def splits(sizes):
-    out, k = [], 0
-    for n in sizes:
-        out.append(list(range(k, k + n)))
-        k += n
-    return out
-
 
 def train_task(m, t, classes, steps=2, seed=0, end=True):
-    """grow, begin_task, `steps` optimiser steps, end_task: the contract as train.py drives it."""
-    data = synthetic_task(classes, n_per_class=4, seed=seed, batch_size=8)
-    m.grow(t, classes)
-    m.begin_task(t, classes, data)
-    opt, sched = m.optimizer(len(data.train))
-    for i, (x, y) in enumerate(data.train):
-        if i == steps:
-            break
-        loss = m.loss(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    if end:
-        m.end_task(t, classes, data)
-    return data
+    return run_task(m, t, classes, steps=steps, seed=seed, end=end, n_per_class=4, batch_size=8)
 
 
 def randomise_routes(m, seed, std=0.3):

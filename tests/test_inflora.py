@@ -15,7 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import backbone as bb
-from conftest import synthetic_task, tiny_vit
+from conftest import run_task, synthetic_task, tiny_vit
 from methods import METHODS, inflora
 from methods.inflora import (design_down, gaussian_replay, mean_decay, memory_update, project,
                              task_normalised, threshold)
@@ -53,22 +53,6 @@ def method(**kw) -> inflora.InfLoRA:
     return inflora.Method(tiny_vit(), 12, inflora.Config(**kw))
 
 
-def run_task(m, t, classes, steps=3, seed=0, end=True):
-    """grow / begin_task / a few optimiser steps / end_task, as train.py does."""
-    data = synthetic_task(classes, n_per_class=6, seed=seed)
-    m.grow(t, classes)
-    m.begin_task(t, classes, data)
-    opt, sched = m.optimizer(len(data.train))
-    batches = [b for _ in range(steps) for b in data.train][:steps]
-    for x, y in batches:
-        loss = m.loss(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    if end:
-        m.end_task(t, classes, data)
-    return data
 
 
 # ---------------------------------------------------------------------------------------------------

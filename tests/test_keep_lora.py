@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import synthetic_task, tiny_vit
 from data import TaskLoaders
+from data import task_classes as splits  # global labels of each task
 from methods import METHODS, keep_lora as K
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,13 +65,6 @@ def absmax(a: torch.Tensor) -> float:
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
-
-def splits(sizes):
-    out, k = [], 0
-    for n in sizes:
-        out.append(list(range(k, k + n)))
-        k += n
-    return out
 
 
 def task(classes, seed=0, dtype=torch.float32, n_per_class=4, batch_size=4) -> TaskLoaders:

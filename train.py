@@ -189,7 +189,7 @@ class UsageError(ValueError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block
-        raise UsageError(message)
+        raise UsageError(f"{message} (train.py --help lists the options)")
 
 
 def field_docs(cls) -> dict[str, str]:

@@ -5,7 +5,7 @@ Learning", CVPR 2025, arXiv 2505.24816.
 Official code: JiangpengHe/CL-LoRA @ df4e74e (a LAMDA-PILOT / EASE fork). Spec: ../shared/specs/cl_lora.md.
 The official source is not in this project's search index; the gaps of the spec (epsilon of L_orth,
 the reassignment formula) were checked against RL-VIG/LibContinual @ 498c43a `core/model/cl_lora.py`,
-a port of the official code.
+a port of the official code. Deviations from the paper and the official code are listed below the equations.
 
 Implements (Dn = down r x d, Up = up d x r; l = split = depth // 2: 6 of 12 for ViT-B, 3 of 6 for vit_small32;
 t is 0-indexed, K_t classes before task t; spec §3-§10):

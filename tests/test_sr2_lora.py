@@ -486,9 +486,23 @@ def test_alignment_uses_the_global_generator(built):
     assert any(not torch.equal(heads[0][k], heads[2][k]) for k in heads[0])
 
 
-def test_alignment_separates_well_separated_classes():
+def test_ce_alignment_uses_plain_ce_not_the_sr2_loss(built, monkeypatch):
+    calls = []
+    monkeypatch.setattr(M, "alignment_loss", lambda *a: calls.append(1) or M.F.cross_entropy(*a[:2]))
+    for ca, expect_calls in (("ce", False), ("sr2", True)):
+        m, data = copy.deepcopy(built[0]), built[1]
+        with_cfg(m, ca=ca, ca_epochs=1)
+        heads = snapshot(m.heads)
+        calls.clear()
+        m.end_task(1, TASKS[1], data)
+        assert bool(calls) == expect_calls
+        assert any(not torch.equal(v, snapshot(m.heads)[k]) for k, v in heads.items())
+
+
+@pytest.mark.parametrize("ca", ["sr2", "ce"])
+def test_alignment_separates_well_separated_classes(ca):
     torch.manual_seed(0)
-    m = M.Method(tiny_vit(), 6, M.Config(batch_size=8, ca_epochs=5))
+    m = M.Method(tiny_vit(), 6, M.Config(batch_size=8, ca_epochs=5, ca=ca))
     m.grow(0, TASKS[0])
     m.grow(1, TASKS[1])
     with torch.no_grad():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import datetime
 import inspect
@@ -664,9 +665,14 @@ def main(argv: list[str] | None = None) -> int:
             run_given, cfg_given = merge_resume(run_given, cfg_given)
         args, cfg = resolve(run_given, cfg_given)
         dist = init_dist()
+        # ranks > 0 print nothing (method hooks print progress); their errors still reach stderr
+        mute = open(os.devnull, "w") if dist.rank > 0 else None
         try:
-            run(args, cfg, dist)
+            with contextlib.redirect_stdout(mute or sys.stdout):
+                run(args, cfg, dist)
         finally:
+            if mute is not None:
+                mute.close()
             if dist.world > 1:
                 torch.distributed.destroy_process_group()
     except (UsageError, cil_data.DataError, bb.WeightsError, NonFiniteLoss) as e:

@@ -1,0 +1,65 @@
+"""Split a finished run's error into task-id confusion and within-task error.
+
+Loads the last checkpoint of a run directory (any method; its options come from the run's config.json) and
+scores the test images of every seen class three ways:
+    task-agnostic  argmax over all seen classes (what train.py reports)
+    within-task    argmax over the classes of the image's own task (an oracle task id)
+    task-id        the task of the task-agnostic prediction equals the image's task
+plus, per task, how many test images each task's classes win.
+
+    python bench/task_id_probe.py bench/runs/cifar100__cl_lora__s0__... [--data-root ../shared/data]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir")
+    p.add_argument("--data-root", default=None)
+    a = p.parse_args()
+    run_given, cfg_given = train.merge_resume(*train.parse(["--resume", a.run_dir]))
+    run_given.pop("resume", None)
+    if a.data_root:
+        run_given["data_root"] = a.data_root
+    args, cfg = train.resolve(run_given, cfg_given)
+    stream, method, _, _ = train.setup(args, cfg)
+    k = len(json.load(open(os.path.join(a.run_dir, "state.json")))["acc"])
+    for t in range(k):
+        method.grow(t, stream.tasks[t])
+    method.load_state_dict(torch.load(os.path.join(a.run_dir, f"checkpoint_task{k}.pt"), weights_only=True))
+    method.eval()
+    sizes = [len(stream.tasks[j]) for j in range(k)]
+    bounds = np.cumsum([0] + sizes)
+    task_of = np.repeat(np.arange(k), sizes)
+    logits, labels = [], []
+    with torch.no_grad():
+        for x, y in stream.test_loader(k - 1, 0, 1):
+            logits.append(method(x).float())
+            labels.append(y)
+    z, y = torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    pred, ty = z.argmax(1), task_of[y]
+    within = np.array([z[i, bounds[ty[i]]:bounds[ty[i] + 1]].argmax() + bounds[ty[i]] for i in range(len(y))])
+    print(f"{args.method} after task {k}: {len(y)} test images of {bounds[-1]} classes")
+    print(f"task-agnostic acc {100 * (pred == y).mean():.2f}   within-task acc (oracle task id) "
+          f"{100 * (within == y).mean():.2f}   task-id acc {100 * (task_of[pred] == ty).mean():.2f}")
+    won = np.bincount(task_of[pred], minlength=k)
+    print("test images won by each task's classes:", won.tolist(), "of", np.bincount(ty, minlength=k).tolist())
+    for j in range(k):
+        s = ty == j
+        print(f"  task {j + 1}: task-agnostic {100 * (pred[s] == y[s]).mean():5.1f}  within-task "
+              f"{100 * (within[s] == y[s]).mean():5.1f}  task-id {100 * (task_of[pred[s]] == j).mean():5.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -197,6 +197,33 @@ def attach(vit: ViT, slot: str, make) -> list[nn.Module]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Trunk: what the methods need from the model, as functions that take it
+
+
+def embed(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) -> tokens (B, 1+N, d) entering the first block."""
+    return vit.embed(x)
+
+
+def features(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """f(x): the CLS token after the final norm, (B, d)."""
+    h = embed(vit, x)
+    for blk in vit.blocks:
+        h = blk(h)
+    return vit.norm(h)[:, 0]
+
+
+def block_cls(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The CLS token after every block, each through the final norm: (B, depth, d)."""
+    h = embed(vit, x)
+    out = []
+    for blk in vit.blocks:
+        h = blk(h)
+        out.append(vit.norm(h[:, 0]))
+    return torch.stack(out, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Weights
 
 

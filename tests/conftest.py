@@ -47,15 +47,26 @@ def run_task(m, t, classes, steps=3, seed=0, end=True, n_per_class=6, batch_size
     opt, sched = m.optimizer(len(data.train))
     batches = [b for _ in range(steps) for b in data.train][:steps]
     for x, y in batches:
-        loss = m.loss(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        step(m, opt, x, y)
         if sched is not None:
             sched.step()
     if end:
         m.end_task(t, classes, data)
     return data
+
+
+def step(m, opt, x, y) -> list[float]:
+    """One training batch as train.py does it: `loss` is a tensor (one optimiser step) or a generator that
+    yields one loss per optimiser step (backward and step after each yield). Returns the losses."""
+    out = m.loss(x, y)
+    losses = [out] if isinstance(out, torch.Tensor) else out
+    values = []
+    for loss in losses:
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        values.append(float(loss.detach()))
+    return values
 
 
 @pytest.fixture

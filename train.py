@@ -1,14 +1,13 @@
 """Train and evaluate one class-incremental LoRA method: the CLI and the task loop.
 
     python train.py --method cl_lora --tasks 10                      # the paper setting (GPU, ViT-B/16)
-    python train.py --method seq_lora --preset cpu --tasks 10 \\
-        --data-root ../shared/data --weights ../shared/weights/vit_small32_cifar10.pth
+    python train.py --method seq_lora --preset cpu --tasks 10 --data-root DIR   # CIFAR-100, 32 px, 2 cores
     python train.py --method simple_cil --preset smoke --tasks 5     # offline, seconds
-    python train.py --method sd_lora --help                          # the method's own options
+    python train.py --method sd_lora --preset cpu --help             # every option, with the value it takes
     python train.py --resume runs/<run>                              # continue after the last finished task
 
-Reads top to bottom: metrics, options and presets, the CLI, seeding, the run (data -> backbone -> method ->
-task loop -> evaluation -> outputs and checkpoints), main. The method contract is in methods/__init__.py.
+Reads top to bottom: metrics, options and presets, the CLI, the checkpoint, training and evaluation,
+outputs, the run, main. The method contract is in methods/__init__.py; torchrun support in distributed.py.
 """
 from __future__ import annotations
 
@@ -17,31 +16,34 @@ import ast
 import contextlib
 import dataclasses
 import datetime
+import fcntl
+import hashlib
 import inspect
 import json
 import math
 import os
 import random
+import re
+import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import backbone as bb
 import data as cil_data
+import distributed
 from methods import METHODS
 
 # ----------------------------------------------------------------------------------------------------
-# Metrics: pure functions of the accuracy matrix (protocol.md §4). acc[t][j] is the accuracy (%) after
-# task t on the test images of task j (j <= t), n[j] the number of those images. Tasks are 0-indexed here.
+# Metrics: pure functions of the accuracy matrix. acc[t][j] is the accuracy (%) after task t on the test
+# images of task j (j <= t), n[j] the number of those images. Tasks are 0-indexed here.
 
 
 def _square(acc) -> np.ndarray:
-    T = len(acc)
-    a = np.full((T, T), np.nan)
+    a = np.full((len(acc), len(acc)), np.nan)
     for t, row in enumerate(acc):
         a[t, : len(row)] = row[: t + 1]
     return a
@@ -65,123 +67,95 @@ def average_incremental_accuracy(acc, n) -> float:
 
 def forgetting(acc) -> float:
     """Chaudhry: mean over j < T of max_{t in [j, T-1)} a_tj - a_Tj (0 for one task)."""
-    a = _square(acc)
-    T = len(a)
-    if T < 2:
-        return 0.0
-    return float(np.mean([a[j : T - 1, j].max() - a[T - 1, j] for j in range(T - 1)]))
+    a, T = _square(acc), len(acc)
+    return float(np.mean([a[j : T - 1, j].max() - a[T - 1, j] for j in range(T - 1)])) if T > 1 else 0.0
 
 
 def forgetting_pilot(acc) -> float:
     """PILOT: the max also runs over the last row, so every term is >= 0."""
-    a = _square(acc)
-    T = len(a)
-    if T < 2:
-        return 0.0
-    return float(np.mean([a[j:T, j].max() - a[T - 1, j] for j in range(T - 1)]))
+    a, T = _square(acc), len(acc)
+    return float(np.mean([a[j:T, j].max() - a[T - 1, j] for j in range(T - 1)])) if T > 1 else 0.0
 
 
 def backward_transfer(acc) -> float:
     """BWT = mean over j < T of a_Tj - a_jj."""
-    a = _square(acc)
-    T = len(a)
-    if T < 2:
-        return 0.0
-    return float(np.mean([a[T - 1, j] - a[j, j] for j in range(T - 1)]))
+    a, T = _square(acc), len(acc)
+    return float(np.mean([a[T - 1, j] - a[j, j] for j in range(T - 1)])) if T > 1 else 0.0
 
 
 def summary(acc, n) -> dict:
-    return {
-        "curve": accuracy_curve(acc, n),
-        "last_acc": last_accuracy(acc, n),
-        "avg_inc_acc": average_incremental_accuracy(acc, n),
-        "forgetting": forgetting(acc),
-        "forgetting_pilot": forgetting_pilot(acc),
-        "bwt": backward_transfer(acc),
-    }
+    return {"curve": accuracy_curve(acc, n), "last_acc": last_accuracy(acc, n),
+            "avg_inc_acc": average_incremental_accuracy(acc, n), "forgetting": forgetting(acc),
+            "forgetting_pilot": forgetting_pilot(acc), "bwt": backward_transfer(acc)}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Options and presets
 
 
-@dataclass(frozen=True)
-class TrainArgs:
-    method: str = ""
-    """the method to run (see the list in --help)"""
-    preset: str = "paper"
-    """paper (ViT-B/16, 224 px, GPU), cpu (small ViT, 32 px, 2 cores) or smoke (tiny random ViT, digits)"""
-    tasks: int = 10
-    """number of equal tasks (B0-Inc(N/T)); ignored when --init-cls is given"""
-    init_cls: int = 0
-    """classes in the first task (0: from --tasks)"""
-    increment: int = 0
-    """classes in every later task, the remainder last (0: same as --init-cls)"""
-    dataset: str = ""
-    """cifar100, digits, imagenet_r or cub (default: the preset's)"""
-    data_root: str = ""
-    """dataset folder (default: $CIL_DATA, else ./data)"""
-    weights: str = ""
-    """'random', a file with a timm-layout state dict, or a pinned timm tag (default: the preset's)"""
-    backbone: str = ""
-    """backbone preset of backbone.py (default: the preset's)"""
-    seed: int = 0
-    """training seed (initialisation, loader order, augmentation)"""
-    order_seed: int = 1993
-    """class-order seed: RandomState(seed).permutation (PILOT / iCaRL 1993)"""
-    natural_order: bool = False
-    """use the natural class order 0..N-1 instead of a seeded permutation (InfLoRA's configs)"""
-    device: str = ""
-    """cpu, cuda, cuda:1, ... (default: cuda when available)"""
-    amp: str = ""
-    """mixed precision: none, bf16 or fp16 (default: the preset's)"""
-    normalize: str = ""
-    """weights: the weights' mean/std; none_01: inputs in [0, 1], the literature convention"""
-    train_aug: str = ""
-    """rrc (RandomResizedCrop scale 0.05-1 + flip), crop (pad-4 crop + flip) or none"""
-    workers: int = -1
-    """data-loader worker processes (default: the preset's)"""
-    eval_batch_size: int = 256
-    """batch size of evaluation and of the methods' data passes"""
-    out: str = "runs"
-    """folder that receives the run directory"""
-    resume: str = ""
-    """a run directory to continue after its last finished task"""
-    stop_after: int = 0
-    """stop after this many finished tasks (0: run all); continue later with --resume"""
-    quiet: bool = False
-    """no progress bars"""
-
-
-CHOICES = {
-    "preset": ("paper", "cpu", "smoke"),
-    "dataset": cil_data.DATASETS,
-    "amp": ("none", "bf16", "fp16"),
-    "normalize": ("weights", "none_01"),
-    "train_aug": ("rrc", "crop", "none"),
-    "backbone": tuple(bb.PRESETS),
+# name: (default, help). A preset fills in the ones it names (presets() below); the parser shows them all.
+OPTIONS = {
+    "method": ("", "the method to run"),
+    "preset": ("paper", "paper (ViT-B/16, 224 px, GPU), cpu (small ViT, 32 px, 2 cores), smoke (tiny ViT, digits)"),
+    "tasks": (10, "number of equal tasks (B0-Inc(N/T)); not used with --init-cls"),
+    "init_cls": (0, "classes in the first task (0: from --tasks)"),
+    "increment": (0, "with --init-cls: classes in every later task, the remainder last (0: as many as --init-cls)"),
+    "dataset": ("", "the dataset"),
+    "data_root": ("", "dataset folder, or a cifar100 .npz file ($CIL_DATA, else ./data)"),
+    "weights": ("", "'random', a file holding a timm-layout state dict, or a pinned timm tag"),
+    "backbone": ("", "a backbone.py preset (" + ", ".join(bb.PRESETS) + "), or timm:<architecture>"),
+    "seed": (0, "training seed (initialisation, loader order, augmentation), 0 <= seed < 2**31"),
+    "order_seed": (1993, "class-order seed: RandomState(seed).permutation (PILOT / iCaRL 1993)"),
+    "natural_order": (False, "use the natural class order 0..N-1 instead of a seeded permutation (InfLoRA's configs)"),
+    "device": ("", "cpu, cuda, cuda:N or mps"),
+    "amp": ("", "mixed precision"),
+    "normalize": ("", "weights: the weights' mean/std; none_01: inputs in [0, 1], the literature convention"),
+    "train_aug": ("", "rrc (RandomResizedCrop scale 0.05-1 + flip), crop (pad-4 crop + flip) or none"),
+    "workers": (0, "data-loader worker processes (at most the cores available; results do not depend on it)"),
+    "eval_batch_size": (256, "batch size of evaluation and of the methods' data passes"),
+    "out": ("runs", "folder that receives the run directory"),
+    "resume": ("", "a run directory to continue after its last finished task"),
+    "stop_after": (0, "stop after this many finished tasks (0: run all); continue later with --resume"),
+    "quiet": (False, "no progress output"),
 }
+TrainArgs = dataclasses.make_dataclass("TrainArgs", [(k, type(d), d) for k, (d, _) in OPTIONS.items()], frozen=True)
+CHOICES = {"preset": ("paper", "cpu", "smoke"), "dataset": cil_data.DATASETS, "amp": ("none", "bf16", "fp16"),
+           "normalize": ("weights", "none_01"), "train_aug": ("rrc", "crop", "none"), "method": tuple(METHODS)}
+METHOD_KEYS = ("epochs", "batch_size", "lr")  # method options a preset may set
+# options that may differ on --resume: not properties of the run (the weights are checked by content hash)
+RESUME_FREE = {"resume", "device", "workers", "quiet", "out", "eval_batch_size", "data_root", "stop_after", "weights"}
+PROGRESS_SECONDS = 10.0
 
-# Values a preset gives to options left unset. Method hyperparameters (lr, epochs, batch_size) keep the
-# paper's values from each method's Config unless a preset lists them here.
-PRESETS = {
-    "paper": dict(backbone="vit_base_patch16_224", weights="vit_base_patch16_224.augreg_in21k",
-                  dataset="cifar100", amp="none", normalize="none_01", train_aug="rrc", workers=8),
-    # fp32, not bf16: on the 2-core benchmark machine bf16 autocast measured 2x slower per step at this
-    # width (192) and batch (bench/README.md); --amp bf16 is there for CPUs where it pays
-    "cpu": dict(backbone="vit_small32", weights="$CIL_WEIGHTS|weights/vit_small32_cifar10.pth",
-                dataset="cifar100", amp="none", normalize="weights", train_aug="rrc", workers=0,
-                epochs=3, batch_size=64),
-    "smoke": dict(backbone="vit_tiny_test", weights="random", dataset="digits", amp="none",
-                  normalize="weights", train_aug="none", workers=0, epochs=3, batch_size=32),
-}
-METHOD_KEYS_FROM_PRESET = ("epochs", "batch_size", "lr")
-# options that may differ on --resume (not properties of the run)
-RESUME_FREE = {"resume", "device", "workers", "quiet", "out", "eval_batch_size", "data_root", "stop_after"}
+
+def presets(method: str | None) -> dict:
+    """Every value a preset gives; read when the parser is built, so --help shows what a run will use."""
+    paper_weights = getattr(METHODS.get(method), "PAPER_WEIGHTS", "vit_base_patch16_224.augreg_in21k")
+    return {
+        "paper": dict(backbone="vit_base_patch16_224", weights=paper_weights, dataset="cifar100", amp="none",
+                      normalize="none_01", train_aug="rrc", workers=8),
+        # fp32, not bf16: on the 2-core benchmark machine bf16 autocast measured 2x slower per step at this
+        # width (192) and batch (README, Presets); --amp bf16 is there for CPUs where it pays
+        "cpu": dict(backbone="vit_small32", weights=os.environ.get("CIL_WEIGHTS") or "weights/vit_small32_tin.pth",
+                    dataset="cifar100", amp="none", normalize="weights", train_aug="rrc", workers=0, epochs=3,
+                    batch_size=64),
+        "smoke": dict(backbone="vit_tiny_test", weights="random", dataset="digits", amp="none", normalize="weights",
+                      train_aug="none", workers=0, epochs=3, batch_size=32),
+    }
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def is_path(w: str) -> bool:
+    """A weights value that names a file (everything but 'random' and a timm tag such as 'arch.tag')."""
+    suffixes = (".pth", ".pt", ".bin", ".safetensors")
+    return w != "random" and (os.path.exists(w) or "/" in w or os.sep in w or w.endswith(suffixes))
 
 
 # ----------------------------------------------------------------------------------------------------
-# CLI: argparse built from the dataclasses; the docstring under each field is its help text
+# CLI: argparse built from the dataclasses (the docstring under each field is its help text), with the
+# preset's values as the defaults, so --help shows what a run will use
 
 
 class UsageError(ValueError):
@@ -193,140 +167,231 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (train.py --help lists the options)")
 
 
-def field_docs(cls) -> dict[str, str]:
-    """The string literal under each field of a dataclass (read from its source)."""
+def specs(cls) -> list[tuple[str, str, str]]:
+    """(name, type name, help) of every field of a method Config: the string literal under each field."""
     try:
-        tree = ast.parse(inspect.getsource(cls))
+        body = ast.parse(inspect.getsource(cls)).body[0].body
     except (OSError, TypeError):
-        return {}
-    body, docs = tree.body[0].body, {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = " ".join(str(b.value.value).split())
-    return docs
+        body = []
+    docs = {a.target.id: " ".join(str(b.value.value).split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    return [(f.name, str(f.type).replace(" | None", ""), docs.get(f.name, "")) for f in dataclasses.fields(cls)]
 
 
-def add_fields(parser, cls, choices: dict, group_title: str) -> None:
-    group, docs = parser.add_argument_group(group_title), field_docs(cls)
-    for f in dataclasses.fields(cls):
-        flag, typ = "--" + f.name.replace("_", "-"), str(f.type).replace(" | None", "")
-        default = f.default
-        help_ = f"{docs.get(f.name, '')} (default: {default!r})"
+def add_options(parser, title: str, specs, defaults: dict, choices: dict, notes: dict) -> None:
+    group = parser.add_argument_group(title)
+    for name, typ, doc in specs:
+        flag, v = "--" + name.replace("_", "-"), defaults[name]
+        help_ = f"{doc} (default: {v if v != '' else 'none'}{notes.get(name, '')})"
         if typ == "bool":
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=v, help=help_)
         else:
-            conv = {"int": int, "float": float, "str": str}[typ]
-            group.add_argument(flag, dest=f.name, type=conv, choices=choices.get(f.name), help=help_,
-                               metavar=None if f.name in choices else typ.upper())
+            group.add_argument(flag, dest=name, type={"int": int, "float": float, "str": str}[typ], default=v,
+                               choices=choices.get(name), help=help_, metavar=None if name in choices else typ.upper())
 
 
-def build_parser(method_module=None) -> argparse.ArgumentParser:
-    p = _Parser(prog="train.py", description="Class-incremental learning with LoRA on a ViT. Methods: "
-                + ", ".join(METHODS) + ". `--method NAME --help` lists the method's options.",
-                argument_default=argparse.SUPPRESS)
-    add_fields(p, TrainArgs, {**CHOICES, "method": tuple(METHODS)}, "run")
-    if method_module is not None:
-        add_fields(p, method_module.Config, method_module.CHOICES, f"method options ({method_module.__name__})")
-    return p
+RUN_SPECS = [(k, type(d).__name__, h) for k, (d, h) in OPTIONS.items()]
 
 
-def parse(argv: list[str]) -> tuple[dict, dict]:
-    """(explicit run options, explicit method options) as given on the command line."""
-    pre = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
-    pre.add_argument("--method")
-    pre.add_argument("--resume")
-    known, _ = pre.parse_known_args(argv)
-    method = getattr(known, "method", None)
-    if method is None and getattr(known, "resume", None):
-        method = read_run_config(known.resume)["run"]["method"]
-    if method is not None and method not in METHODS:
-        raise UsageError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
-    module = METHODS[method] if method else None
-    ns = vars(build_parser(module).parse_args(argv))
-    if method is None:
-        raise UsageError("--method is required (one of " + ", ".join(METHODS) + "), or --resume RUN_DIR")
-    cfg_names = {f.name for f in dataclasses.fields(module.Config)}
-    run = {k: v for k, v in ns.items() if k not in cfg_names}
-    run["method"] = method
-    return run, {k: v for k, v in ns.items() if k in cfg_names}
+def checked(specs, values, where: str) -> dict:
+    """A saved dict of options: every one present and of its declared type."""
+    names = {name for name, _, _ in specs}
+    if not isinstance(values, dict) or set(values) != names:
+        diff = sorted(names ^ set(values)) if isinstance(values, dict) else ["(not an object)"]
+        raise UsageError(f"{where} does not match this version's options ({', '.join(diff[:4])})")
+    for name, typ, _ in specs:
+        v = values[name]
+        if isinstance(v, bool) != (typ == "bool") or not isinstance(v, {"int": int, "float": (int, float),
+                                                                        "str": str, "bool": bool}[typ]):
+            raise UsageError(f"{where}: '{name}' must be {typ} (got {v!r})")
+    return values
 
 
-def resolve(run_given: dict, cfg_given: dict) -> tuple[TrainArgs, object]:
-    """Defaults <- preset <- command line; then validation of everything that can be checked early."""
-    preset = run_given.get("preset", TrainArgs.preset)
-    values = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
-    values.update({k: v for k, v in PRESETS[preset].items() if k in values})
-    if preset == "paper" and hasattr(METHODS[run_given["method"]], "PAPER_WEIGHTS"):
-        values["weights"] = METHODS[run_given["method"]].PAPER_WEIGHTS  # a method whose paper used other weights
-    values.update(run_given)
-    if values["weights"].startswith("$CIL_WEIGHTS|"):
-        values["weights"] = os.environ.get("CIL_WEIGHTS") or values["weights"].split("|", 1)[1]
-    values["data_root"] = values["data_root"] or os.environ.get("CIL_DATA") or "data"
-    local = os.environ.get("LOCAL_RANK")  # set by torchrun: one GPU per process
-    values["device"] = values["device"] or (
-        ("cuda" if local is None else f"cuda:{local}") if torch.cuda.is_available() else "cpu")
-    args = TrainArgs(**values)
-    module = METHODS[args.method]
-    cfg_values = {k: v for k, v in PRESETS[preset].items() if k in METHOD_KEYS_FROM_PRESET}
-    cfg_values.update(cfg_given)
-    cfg = dataclasses.replace(module.Config(), **cfg_values)
-    validate(args, cfg)
-    return args, cfg
-
-
-def validate(args: TrainArgs, cfg) -> None:
-    if args.tasks < 1:
-        raise UsageError(f"--tasks must be at least 1 (got {args.tasks})")
-    if args.init_cls < 0 or args.increment < 0:
-        raise UsageError("--init-cls and --increment must be positive")
-    if getattr(cfg, "lr", 0.0) < 0 or not math.isfinite(getattr(cfg, "lr", 0.0)):
-        raise UsageError(f"--lr must be a finite number >= 0 (got {cfg.lr})")
-    if getattr(cfg, "epochs", 0) < 0:
-        raise UsageError(f"--epochs must be >= 0 (got {cfg.epochs})")
-    if getattr(cfg, "batch_size", 1) < 1 or args.eval_batch_size < 1:
-        raise UsageError("--batch-size and --eval-batch-size must be >= 1")
-    dev = args.device
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {dev}: no CUDA device here; use --device cpu")
-    if dev not in ("cpu",) and not dev.startswith("cuda") and dev != "mps":
-        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps (got '{dev}')")
-    if args.amp == "fp16" and not dev.startswith("cuda"):
-        raise UsageError(f"--amp fp16 needs a CUDA device (device is {dev}); use --amp bf16 or --amp none")
-    if args.amp == "bf16" and dev.startswith("cuda") and not torch.cuda.is_bf16_supported():
-        raise UsageError("--amp bf16: this GPU has no bfloat16; use --amp fp16 or --amp none")
-    if args.resume and not os.path.isfile(os.path.join(args.resume, "config.json")):
-        raise UsageError(f"--resume {args.resume}: not a run directory (no config.json); check the path")
-
-
-def read_run_config(run_dir: str) -> dict:
+def read_config(run_dir: str) -> dict:
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise UsageError(f"--resume {run_dir}: not a run directory (no config.json); check the path")
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"--resume {run_dir}: config.json is unreadable ({e})") from None
+    run = saved.get("run") if isinstance(saved, dict) else None
+    if not (isinstance(run, dict) and isinstance(saved.get("identity"), dict) and run.get("method") in CHOICES[
+            "method"] and run.get("preset") in CHOICES["preset"]):
+        raise UsageError(f"--resume {run_dir}: config.json is not a run configuration of this train.py")
+    return saved
 
 
-def merge_resume(run_given: dict, cfg_given: dict) -> tuple[dict, dict]:
-    """On --resume the saved options rule; an explicit option that contradicts them is an error."""
-    saved = read_run_config(run_given["resume"])
-    run_saved, cfg_saved = dict(saved["run"]), dict(saved["method_config"])
-    for given, have in ((run_given, run_saved), (cfg_given, cfg_saved)):
-        for k, v in given.items():
-            if k not in RESUME_FREE and k in have and have[k] != v:
-                raise UsageError(f"--resume {run_given['resume']}: the run has {k.replace('_', '-')}="
-                                 f"{have[k]!r}, not {v!r}; start a new run instead")
-    for k in RESUME_FREE:  # not properties of the run: from this command line, else the defaults
-        run_saved.pop(k, None)
-        if k in run_given:
-            run_saved[k] = run_given[k]
-    return run_saved, cfg_saved
+def parse(argv: list[str]) -> tuple[TrainArgs, object, dict | None]:
+    """(run options, method Config, the resumed run's config.json or None): defaults <- preset <- the resumed
+    run's options <- the command line. On --resume an option that contradicts the run is an error."""
+    pre = _Parser(add_help=False)
+    for flag in ("--method", "--preset", "--resume"):
+        pre.add_argument(flag, choices=CHOICES.get(flag[2:]))
+    known, _ = pre.parse_known_args(argv)
+    saved = read_config(os.path.abspath(known.resume)) if known.resume else None
+    method = saved["run"]["method"] if saved else known.method
+    module = METHODS.get(method)
+    preset = saved["run"].get("preset") if saved else known.preset or "paper"
+    run = {**{k: d for k, (d, _) in OPTIONS.items()},
+           **{k: v for k, v in presets(method)[preset].items() if k not in METHOD_KEYS},
+           "method": method or "", "preset": preset, "data_root": os.path.abspath(os.environ.get("CIL_DATA") or "data"),
+           "device": ("cuda" if distributed.local_rank() is None else f"cuda:{distributed.local_rank()}")
+           if torch.cuda.is_available() else "cpu"}
+    run["workers"] = min(run["workers"], cores())
+    cfg, notes = {}, {}
+    if module:
+        cfg = dataclasses.asdict(module.Config())
+        for k, v in presets(method)[preset].items():
+            if k in METHOD_KEYS and k in cfg:
+                cfg[k], notes[k] = v, f"; --preset {preset} overrides the paper's {cfg[k]}"
+    if saved:  # the run's own options; the free ones from this command line, else the defaults (paths kept)
+        kept = checked(RUN_SPECS, saved["run"], "config.json 'run'")
+        run.update({k: v for k, v in kept.items() if k not in RESUME_FREE or k in ("data_root", "weights")})
+        cfg = checked(specs(module.Config), saved.get("method_config"), "config.json 'method_config'")
+    p = _Parser(prog="train.py", description="Class-incremental learning with LoRA on a ViT. Methods: "
+                + ", ".join(METHODS) + ". `--method NAME --help` lists the method's options too.")
+    add_options(p, "run", RUN_SPECS, run, CHOICES, {})
+    if module:
+        add_options(p, f"method options ({module.__name__})", specs(module.Config), cfg, module.CHOICES, notes)
+    ns = vars(p.parse_args(argv))
+    if not module:
+        raise UsageError("--method is required (one of " + ", ".join(METHODS) + "), or --resume RUN_DIR")
+    given = {k: ns[k] for k in run}
+    for k in ("data_root", "out", "resume"):
+        given[k] = os.path.abspath(given[k]) if given[k] else ""
+    given["weights"] = os.path.abspath(given["weights"]) if is_path(given["weights"]) else given["weights"]
+    given["workers"] = min(given["workers"], cores()) if given["workers"] >= 0 else given["workers"]
+    mcfg = {k: ns[k] for k in cfg}
+    for new, old in ((given, run), (mcfg, cfg)) if saved else ():
+        for k in new:
+            if k not in RESUME_FREE and new[k] != old[k]:
+                raise UsageError(f"--resume {given['resume']}: the run has {k.replace('_', '-')}={old[k]!r}, "
+                                 f"not {new[k]!r}; start a new run instead")
+    args = TrainArgs(**given)
+    validate(args, mcfg)
+    try:
+        getattr(module, "validate", lambda c: None)(module.Config(**mcfg))
+    except ValueError as e:
+        raise UsageError(f"{method}: {e}") from None
+    return args, module.Config(**mcfg), saved
+
+
+def validate(args: TrainArgs, cfg: dict) -> None:
+    """Everything that can be checked before data and weights are read."""
+    problems = [
+        (args.tasks < 1, f"--tasks must be at least 1 (got {args.tasks})"),
+        (args.init_cls < 0 or args.increment < 0, "--init-cls and --increment must be >= 0"),
+        (args.increment > 0 and args.init_cls == 0, "--increment needs --init-cls (the first task's classes)"),
+        (not 0 <= args.seed < 2**31, f"--seed must be in [0, 2**31) (got {args.seed})"),
+        (not 0 <= args.order_seed < 2**32, f"--order-seed must be in [0, 2**32) (got {args.order_seed})"),
+        (args.workers < 0, f"--workers must be >= 0 (got {args.workers})"),
+        (args.stop_after < 0, f"--stop-after must be >= 0 (got {args.stop_after})"),
+        (args.eval_batch_size < 1, f"--eval-batch-size must be >= 1 (got {args.eval_batch_size})"),
+        (not math.isfinite(cfg.get("lr", 0.0)) or cfg.get("lr", 0.0) < 0, f"--lr must be a finite number >= 0 "
+                                                                           f"(got {cfg.get('lr')})"),
+        (cfg.get("epochs", 0) < 0, f"--epochs must be >= 0 (got {cfg.get('epochs')})"),
+        (cfg.get("batch_size", 1) < 1, f"--batch-size must be >= 1 (got {cfg.get('batch_size')})"),
+        (args.backbone not in bb.PRESETS and not args.backbone.startswith("timm:"),
+         f"--backbone must be one of {', '.join(bb.PRESETS)} or timm:<architecture> (got '{args.backbone}')"),
+    ]
+    dev, cuda = args.device, re.fullmatch(r"cuda(:\d+)?", args.device)
+    problems += [
+        (not re.fullmatch(r"cpu|mps|cuda(:\d+)?", dev), f"--device must be cpu, cuda, cuda:N or mps (got '{dev}')"),
+        (cuda and int(dev[5:] or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0),
+         f"--device {dev}: there is no such CUDA device here; use --device cpu"),
+        (dev == "mps" and not torch.backends.mps.is_available(), "--device mps: no MPS device here; use --device cpu"),
+        (args.amp == "fp16" and not cuda, f"--amp fp16 needs a CUDA device (device is {dev}); use --amp bf16 or none"),
+        (args.amp == "bf16" and cuda and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(),
+         "--amp bf16: this GPU has no bfloat16; use --amp fp16 or --amp none")]
+    top = args.out  # the run directory will go under --out: it must be (or become) a writable folder
+    while not os.path.exists(top):
+        top = os.path.dirname(top)
+    problems.append((not args.resume and not (os.path.isdir(top) and os.access(top, os.W_OK | os.X_OK)),
+                     f"--out {args.out}: {top} is {'not writable' if os.path.isdir(top) else 'a file'}"))
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Seeding
+# The checkpoint: one file per run, rewritten atomically after every task. It holds the method's state minus
+# the pristine backbone (every entry that is not a backbone tensor, and every backbone tensor that differs
+# from the freshly loaded one, e.g. after a merge), the progress, and what identifies the run.
+
+
+def state_hash(state: dict) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of a state dict: the backbone weights' identity."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().cpu().contiguous()
+        h.update(f"{k} {tuple(v.shape)} {v.dtype};".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def backbone_key(key: str, base: dict) -> str | None:
+    """The backbone entry a method's state-dict key holds (its longest suffix that is a backbone key)."""
+    parts = key.split(".")
+    return next((b for b in (".".join(parts[i:]) for i in range(len(parts))) if b in base), None)
+
+
+def method_state(state: dict, base: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        v, b = v.detach().cpu(), backbone_key(k, base)
+        if b is None or base[b].shape != v.shape or base[b].dtype != v.dtype or not torch.equal(base[b], v):
+            out[k] = v.clone()  # a compact copy: torch.save writes a view's whole storage
+    return out
+
+
+def load_method_state(method, stored: dict, base: dict) -> None:
+    full = {k: stored[k] if k in stored else base[backbone_key(k, base)] for k in method.state_dict()}
+    method.load_state_dict(full, strict=True)
+
+
+def lock(run_dir: str):
+    f = open(os.path.join(run_dir, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UsageError(f"{run_dir} is in use by another train.py process; wait until it ends") from None
+    return f
+
+
+def read_checkpoint(run_dir: str) -> dict | None:
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        return None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        p = ck["progress"]
+        assert isinstance(ck["state"], dict) and isinstance(ck["identity"], dict) and len(p["acc"]) == len(
+            p["per_task"]) > 0 and len(p["n_test"]) == len(p["acc"][-1])
+        return ck
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one clear line
+        why = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()[0][:200] if str(e) else "bad layout"
+        raise UsageError(f"--resume {run_dir}: checkpoint.pt cannot be read ({type(e).__name__}: {why}); "
+                         "start a new run") from None
+
+
+def atomic_write(path: str, write) -> None:
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    def write(p):
+        with open(p, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training and evaluation
 
 
 def seed_everything(seed: int) -> None:
@@ -340,140 +405,71 @@ def task_seed(seed: int, t: int) -> int:
     return seed * 1000 + t + 1
 
 
-# ----------------------------------------------------------------------------------------------------
-# The run
-
-
-def setup(args: TrainArgs, cfg):
-    """Data, backbone and method; raises a one-line error for anything wrong, writes nothing."""
-    splits = cil_data.load_dataset(args.dataset, args.data_root)
-    N = splits.num_classes
-    if args.init_cls:
-        init, inc = args.init_cls, args.increment or args.init_cls
-        if init > N:
-            raise UsageError(f"--init-cls {init} is more than the {N} classes of {args.dataset}")
-    else:
-        if args.tasks > N:
-            raise UsageError(f"--tasks {args.tasks} is more than the {N} classes of {args.dataset}")
-        try:
-            init, inc = cil_data.equal_split(N, args.tasks)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    try:
-        sizes = cil_data.task_sizes(N, init, inc)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    order = cil_data.class_order(N, None if args.natural_order else args.order_seed)
-    seed_everything(args.seed)  # a random backbone (smoke) is part of the seeded initialisation
-    vit, winfo = bb.create(args.backbone, args.weights)
-    train_tf, test_tf = cil_data.transforms(vit.cfg.img_size, splits.native_size, winfo["mean"], winfo["std"],
-                                            args.normalize, args.train_aug)
-    stream = cil_data.CIL(splits, order, sizes, train_tf, test_tf, cfg.batch_size, args.eval_batch_size,
-                          args.workers, args.seed)
-    base_numel = numel(vit.state_dict())
-    try:
-        method = METHODS[args.method].Method(vit, N, cfg).to(args.device)
-    except ValueError as e:  # the methods check their Config in __init__
-        raise UsageError(f"{args.method}: {e}") from None
-    return stream, method, winfo, base_numel
-
-
-def numel(state: dict) -> int:
-    """Elements stored in a state dict, each tensor counted once even if a module is registered twice."""
-    seen = {(v.data_ptr(), v.numel(), v.dtype) for v in state.values()}
-    return sum(n for _, n, _ in seen)
-
-
 def autocast(args: TrainArgs):
-    if args.amp == "none":
-        return torch.autocast(device_type=args.device.split(":")[0], enabled=False)
-    dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
-    return torch.autocast(device_type=args.device.split(":")[0], dtype=dtype)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return torch.autocast(device_type=args.device.split(":")[0], dtype=dtype, enabled=dtype is not None)
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class Dist:
-    """This process's place under torchrun (rank 0 of 1 otherwise)."""
-    rank: int = 0
-    world: int = 1
-
-    def sum_(self, x: torch.Tensor) -> torch.Tensor:
-        """All-reduce (sum) in place across processes; a no-op in one process."""
-        if self.world > 1:
-            torch.distributed.all_reduce(x)
-        return x
-
-
-def init_dist() -> Dist:
-    """torch.distributed from torchrun's environment: NCCL on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    backend = "nccl" if torch.cuda.is_available() and os.environ.get("CIL_DIST_BACKEND") != "gloo" else "gloo"
-    torch.distributed.init_process_group(backend)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return Dist(torch.distributed.get_rank(), world)
-
-
-def average_gradients(params: list[torch.Tensor], n_local: int, n_global: int, dist: Dist) -> None:
-    """grad <- sum over processes of (n_local / n_global) * local grad: the gradient of the global batch mean."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if dist.world == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads]) * (n_local / n_global)
-    dist.sum_(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def train_task(method, loader, args: TrainArgs, t: int, epochs: int, dist: Dist) -> dict:
-    """Epochs of loss -> backward -> (gradient averaging) -> step. NaN/inf is checked every 25 steps."""
-    from tqdm import tqdm
-
+def train_task(method, loader, args: TrainArgs, t: int, epochs: int, dist: distributed.Dist) -> dict:
+    """Epochs of batches. Per batch, `method.loss` gives one loss or a generator of losses, and after each
+    loss: zero_grad, backward (GradScaler), gradient averaging (torchrun), step; the scheduler steps once per
+    batch. The batch's loss (progress, NaN check: every 25 batches) is the sum of its losses."""
     opt, sched = method.optimizer(len(loader))
-    stats = {"trainable_params": 0, "steps": 0, "train_seconds": 0.0, "loss": None}
+    stats = {"trainable_params": 0, "steps": 0, "optimizer_steps": 0, "train_seconds": 0.0, "loss": None}
     if opt is None or epochs == 0:
         return stats
     params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
     stats["trainable_params"] = sum(p.numel() for p in params)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
+    show, tty, shown = not args.quiet and dist.rank == 0, sys.stdout.isatty(), time.time()
     method.train()
     t0 = time.time()
     for epoch in range(epochs):
         loader.batch_sampler.set_epoch(epoch)
         pending, total, n = [], 0.0, 0
-        bar = tqdm(loader, desc=f"task {t + 1} epoch {epoch + 1}/{epochs}", leave=False,
-                   disable=args.quiet or dist.rank > 0 or not sys.stderr.isatty())
+        bar = loader
+        if show and tty:
+            from tqdm import tqdm
+            bar = tqdm(loader, desc=f"task {t + 1} epoch {epoch + 1}/{epochs}", leave=False, file=sys.stdout)
         for step, (x, y) in enumerate(bar):
             x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+            n_global = dist.sum_(torch.tensor([len(y)], device=args.device)).item() if dist.world > 1 else len(y)
             with autocast(args):
-                loss = method.loss(x, y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if dist.world > 1:
-                n_global = dist.sum_(torch.tensor([len(y)], device=args.device)).item()
-                average_gradients(params, len(y), n_global, dist)
-            scaler.step(opt)
-            scaler.update()
+                out = method.loss(x, y)
+            losses, batch_loss = iter([out]) if isinstance(out, torch.Tensor) else out, 0.0
+            while True:
+                with autocast(args):  # a generator's forward runs when it is advanced
+                    loss = next(losses, None)
+                if loss is None:
+                    break
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                distributed.average_gradients(params, len(y), n_global, dist)
+                scaler.step(opt)
+                scaler.update()
+                batch_loss, stats["optimizer_steps"] = batch_loss + loss.detach().float(), stats["optimizer_steps"] + 1
             if sched is not None:
                 sched.step()
-            pending.append(loss.detach().float())
-            if len(pending) == 25 or step == len(loader) - 1:  # one sync every 25 steps
-                losses = dist.sum_(torch.stack(pending)).cpu() / dist.world
-                if not torch.isfinite(losses).all():
-                    bad = step - len(pending) + 1 + int((~torch.isfinite(losses)).nonzero()[0])
-                    raise NonFiniteLoss(f"the loss became {float(losses[~torch.isfinite(losses)][0])} at task "
-                                        f"{t + 1}, epoch {epoch + 1}, step {bad + 1}; lower --lr or use "
-                                        "--amp none. The checkpoint of the last finished task is kept")
-                total, n, pending = total + float(losses.sum()), n + len(losses), []
-                bar.set_postfix(loss=f"{total / n:.4f}")
+            pending.append(torch.as_tensor(batch_loss, device=args.device))
+            if len(pending) == 25 or step == len(loader) - 1:  # one sync every 25 batches
+                losses_ = dist.sum_(torch.stack(pending)).cpu() / dist.world
+                if not torch.isfinite(losses_).all():
+                    bad = step - len(pending) + 1 + int((~torch.isfinite(losses_)).nonzero()[0])
+                    raise NonFiniteLoss(f"the loss became {float(losses_[~torch.isfinite(losses_)][0])} at task "
+                                        f"{t + 1}, epoch {epoch + 1}, step {bad + 1}; lower --lr"
+                                        + (" or use --amp none" if args.amp != "none" else "")
+                                        + ". The checkpoint of the last finished task is kept")
+                total, n, pending = total + float(losses_.sum()), n + len(losses_), []
+                if bar is not loader:
+                    bar.set_postfix(loss=f"{total / n:.4f}")
+            if show and not tty and time.time() - shown >= PROGRESS_SECONDS:
+                print(f"  task {t + 1} epoch {epoch + 1}/{epochs} step {step + 1}/{len(loader)}"
+                      + (f" loss {total / n:.4f}" if n else ""), flush=True)
+                shown = time.time()
             stats["steps"] += 1
         stats["loss"] = total / max(n, 1)
     if args.device.startswith("cuda"):
@@ -483,7 +479,7 @@ def train_task(method, loader, args: TrainArgs, t: int, epochs: int, dist: Dist)
 
 
 @torch.no_grad()
-def evaluate(method, stream, args: TrainArgs, t: int, dist: Dist) -> tuple[list[float], list[int]]:
+def evaluate(method, stream, args: TrainArgs, t: int, dist: distributed.Dist) -> tuple[list[float], list[int]]:
     """Accuracy (%) on the test images of every task j <= t, predictions over all C_t seen classes.
 
     Under torchrun each process scores every world-th test image and the counts are summed.
@@ -495,13 +491,46 @@ def evaluate(method, stream, args: TrainArgs, t: int, dist: Dist) -> tuple[list[
         with autocast(args):
             logits = method(x.to(args.device))
         assert logits.shape[1] == len(T_of), f"forward gave {logits.shape[1]} logits for {len(T_of)} classes"
-        pred = logits.argmax(1).cpu().numpy()
-        y = y.numpy()
+        pred, y = logits.argmax(1).cpu().numpy(), y.numpy()
         np.add.at(correct, T_of[y], pred == y)
         np.add.at(count, T_of[y], 1)
     both = dist.sum_(torch.tensor(np.stack([correct, count]), device=args.device)).cpu().numpy()
-    correct, count = both[0], both[1].astype(np.int64)
-    return [round(100.0 * c / max(k, 1), 4) for c, k in zip(correct, count)], count.tolist()
+    return [round(float(100.0 * c / max(k, 1)), 4) for c, k in zip(both[0], both[1])], both[1].astype(np.int64).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def save_outputs(run_dir: str, progress: dict, sizes: list[int]) -> None:
+    acc, n = progress["acc"], progress["n_test"]
+    res = {**summary(acc, n), "acc_matrix": acc, "n_test": n, "tasks_done": len(acc), "task_sizes": sizes,
+           "per_task": progress["per_task"], "seen_test_samples": [int(sum(n[: t + 1])) for t in range(len(acc))]}
+    write_text(os.path.join(run_dir, "results.json"), json.dumps(res, indent=1))
+    rows = ["after_task," + ",".join(f"task_{j + 1}" for j in range(len(sizes)))]
+    rows += [f"{t + 1}," + ",".join(f"{v:.2f}" for v in row) + "," * (len(sizes) - len(row))
+             for t, row in enumerate(acc)]
+    write_text(os.path.join(run_dir, "acc_matrix.csv"), "\n".join(rows) + "\n")
+    if len(acc) >= 2:  # one point is no curve
+        plot_curve(os.path.join(run_dir, "acc_curve.png"), res["curve"], os.path.basename(run_dir))
+
+
+def plot_curve(path: str, curve: list[float], title: str) -> None:
+    """a_t after every task; matplotlib is imported here only (and the plot skipped without it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(range(1, len(curve) + 1), curve, marker="o")
+    ax.set_xticks(range(1, len(curve) + 1, max(1, len(curve) // 10)))
+    ax.set(xlabel="after task", ylabel="accuracy on all seen classes (%)", title=title[:60])
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
 
 
 def git_sha() -> str:
@@ -512,144 +541,130 @@ def git_sha() -> str:
         return "unknown"
 
 
-def atomic_write(path: str, write) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+# ----------------------------------------------------------------------------------------------------
+# The run
 
 
-def write_json(path: str, obj) -> None:
-    def w(p):
-        with open(p, "w") as f:
-            json.dump(obj, f, indent=1)
-    atomic_write(path, w)
-
-
-def new_run_dir(args: TrainArgs) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = os.path.join(args.out, f"{args.dataset}__{args.method}__s{args.seed}__{stamp}")
-    path, k = base, 1
-    while os.path.exists(path):
-        path, k = f"{base}-{k}", k + 1
-    os.makedirs(path)
-    return path
-
-
-def save_outputs(run_dir: str, state: dict, stream) -> None:
-    acc, n = state["acc"], state["n_test"]
-    res = {**summary(acc, n), "acc_matrix": acc, "n_test": n, "tasks_done": len(acc),
-           "task_sizes": stream.sizes, "per_task": state["per_task"]}
-    res["seen_test_samples"] = [int(sum(n[: t + 1])) for t in range(len(acc))]
-    write_json(os.path.join(run_dir, "results.json"), res)
-
-    def w(p):
-        with open(p, "w") as f:
-            T = len(stream.sizes)
-            f.write("after_task," + ",".join(f"task_{j + 1}" for j in range(T)) + "\n")
-            for t, row in enumerate(acc):
-                f.write(f"{t + 1}," + ",".join(f"{v:.2f}" for v in row) + "," * (T - len(row)) + "\n")
-    atomic_write(os.path.join(run_dir, "acc_matrix.csv"), w)
+def setup(args: TrainArgs, cfg, saved: dict | None = None):
+    """Data, backbone and method, and on --resume the checks that data and weights are the run's and the finished
+    tasks' state -> (stream, method, pristine backbone state, weights info, identity, progress). Writes nothing."""
+    ckpt = read_checkpoint(args.resume) if args.resume else None
+    splits = cil_data.load_dataset(args.dataset, args.data_root)
+    N = splits.num_classes
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(range(1, len(acc) + 1), res["curve"], marker="o")
-    ax.set(xlabel="task", ylabel="accuracy on all seen classes (%)", title=os.path.basename(run_dir)[:60])
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(os.path.join(run_dir, "acc_curve.png"), lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
+        if args.init_cls > N or (not args.init_cls and args.tasks > N):
+            raise ValueError(f"--{'init-cls' if args.init_cls else 'tasks'} {args.init_cls or args.tasks} is more "
+                             f"than the {N} classes of {args.dataset}")
+        init, inc = (args.init_cls, args.increment or args.init_cls) if args.init_cls else cil_data.equal_split(
+            N, args.tasks)
+        sizes = cil_data.task_sizes(N, init, inc)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.stop_after > len(sizes):
+        raise UsageError(f"--stop-after {args.stop_after} is more than the run's {len(sizes)} tasks")
+    order = cil_data.class_order(N, None if args.natural_order else args.order_seed)
+    seed_everything(args.seed)  # a random backbone (smoke) is part of the seeded initialisation
+    vit, winfo = bb.create(args.backbone, args.weights)
+    base = {k: v.detach().clone() for k, v in vit.state_dict().items()}
+    train_tf, test_tf = cil_data.transforms(winfo["config"]["img_size"], splits.native_size, winfo["mean"],
+                                            winfo["std"], args.normalize, args.train_aug)
+    stream = cil_data.CIL(splits, order, sizes, train_tf, test_tf, cfg.batch_size, args.eval_batch_size,
+                          args.workers, args.seed)
+    try:
+        method = METHODS[args.method].Method(vit, N, cfg).to(args.device)
+    except ValueError as e:  # the methods check their Config in __init__
+        raise UsageError(f"{args.method}: {e}") from None
+    ident = {"weights_sha256": state_hash(base), "backbone": args.backbone, "dataset": args.dataset,
+             "class_order": stream.order, "task_sizes": stream.sizes}
+    for have in (saved or {}).get("identity"), (ckpt or {}).get("identity"):
+        bad = [k for k in ident if have is not None and have.get(k) != ident[k]]
+        if bad:
+            raise UsageError(f"--resume {args.resume}: the run was made with other {', '.join(bad)} ("
+                             + ("the --weights give other tensors" if "weights_sha256" in bad else "the data differ")
+                             + "); pass what the run started from, or start a new run")
+    progress = ckpt["progress"] if ckpt else {"acc": [], "n_test": [], "per_task": []}
+    for t in range(len(progress["acc"])):
+        method.grow(t, stream.tasks[t])
+    try:
+        if ckpt:
+            load_method_state(method.to(args.device), ckpt["state"], base)
+    except Exception as e:  # noqa: BLE001 - a checkpoint of another structure
+        raise UsageError(f"--resume {args.resume}: the checkpoint does not fit the method ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); start a new run") from None
+    return stream, method, base, winfo, ident, progress
 
 
-def run(args: TrainArgs, cfg, dist: Dist = Dist()) -> str:
-    stream, method, winfo, base_numel = setup(args, cfg)
+def warn(message: str) -> None:
+    print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
+
+
+def run(args: TrainArgs, cfg, dist: distributed.Dist, saved: dict | None, locks: contextlib.ExitStack) -> str:
+    """The task loop. Only rank 0 writes (and prints: main mutes the others); `locks` holds the run's lock."""
+    lead = dist.rank == 0
+    if args.resume and lead:  # a second process on the same run directory refuses before reading anything
+        locks.enter_context(lock(args.resume))
+    stream, method, base, winfo, ident, progress = setup(args, cfg, saved)
     T = len(stream.sizes)
-    lead = dist.rank == 0  # only rank 0 prints and writes
-
-    def log(msg: str) -> None:
-        if lead:
-            print(msg, flush=True)
-
-    state = {"acc": [], "n_test": [], "per_task": []}
-    if args.resume:
-        run_dir = args.resume
-        done = json.load(open(os.path.join(run_dir, "state.json"))) if os.path.isfile(
-            os.path.join(run_dir, "state.json")) else state
-        k = len(done["acc"])
-        if k:
-            for t in range(k):
-                method.grow(t, stream.tasks[t])
-            method.to(args.device)
-            try:
-                sd = torch.load(os.path.join(run_dir, f"checkpoint_task{k}.pt"), map_location=args.device,
-                                weights_only=True)
-                method.load_state_dict(sd, strict=True)
-            except Exception as e:  # noqa: BLE001 - a corrupt or foreign checkpoint: one clear line
-                raise UsageError(f"--resume {run_dir}: the checkpoint cannot be loaded ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:200]}); start a new run") from None
-            state = done
-        log(f"resuming {run_dir} after task {k}/{T}")
-    else:
-        run_dir = new_run_dir(args) if lead else ""
-        if dist.world > 1:
-            box = [run_dir]
-            torch.distributed.broadcast_object_list(box, src=0)
-            run_dir = box[0]
-        if lead:
-            write_json(os.path.join(run_dir, "config.json"), {
-                "run": dataclasses.asdict(args), "method_config": dataclasses.asdict(cfg),
-                "class_order": stream.order, "task_sizes": stream.sizes, "weights": winfo,
-                "processes": dist.world, "git_sha": git_sha(), "torch": torch.__version__, "command": sys.argv})
-    log(f"{args.method} on {args.dataset}: {T} tasks {stream.sizes[:3]}{'...' if T > 3 else ''}, "
-        f"{args.backbone} ({winfo['source']}), device {args.device} x {dist.world}, amp {args.amp} -> {run_dir}")
-
-    for t in range(len(state["acc"]), T):
+    if lead and args.preset == "paper" and args.device == "cpu":
+        warn("--preset paper is the GPU setting (ViT-B/16 at 224 px, the papers' epochs); on a CPU use --preset cpu")
+    if lead and any(len(c) == 1 for c in stream.tasks):
+        warn(f"{sum(len(c) == 1 for c in stream.tasks)} of the {T} tasks have a single class: a local "
+             "cross-entropy over one class is 0, so such a task learns nothing from it")
+    run_dir = args.resume
+    if not args.resume and lead:
+        name, k = f"{args.dataset}__{args.method}__s{args.seed}__{datetime.datetime.now():%Y%m%d-%H%M%S}", 0
+        while os.path.exists(run_dir := os.path.join(args.out, name + (f"-{k}" if k else ""))):
+            k += 1
+        os.makedirs(run_dir)
+        locks.enter_context(lock(run_dir))
+        write_text(os.path.join(run_dir, "config.json"), json.dumps({
+            "run": dataclasses.asdict(args), "method_config": dataclasses.asdict(cfg), "identity": ident,
+            "weights": winfo, "processes": dist.world, "git_sha": git_sha(), "torch": torch.__version__,
+            "command": sys.argv}, indent=1))
+    run_dir = dist.broadcast(run_dir)
+    print(f"{args.method} on {args.dataset}: {T} tasks {stream.sizes[:3]}{'...' if T > 3 else ''}, {args.backbone} "
+          f"({winfo['source']}), device {args.device} x {dist.world}, amp {args.amp}, workers {args.workers} -> "
+          f"{run_dir}" + (f"; resuming after task {len(progress['acc'])}/{T}" if args.resume else ""))
+    print("to continue this run if it stops: " + shlex.join([sys.executable, os.path.abspath(__file__), "--resume",
+                                                             run_dir]), flush=True)
+    for t in range(len(progress["acc"]), T):
         if args.stop_after and t >= args.stop_after:
-            log(f"stopped after task {t}/{T} (--stop-after); continue with --resume {run_dir}")
+            print(f"stopped after task {t}/{T} (--stop-after)")
             return run_dir
         classes = stream.tasks[t]
         seed_everything(task_seed(args.seed, t))
         t0 = time.time()
         data = stream.task_data(t)  # the whole task, in every process, for the hooks
         method.grow(t, classes)
-        method.to(args.device)
-        method.begin_task(t, classes, data)
+        method.to(args.device).begin_task(t, classes, data)
         stats = train_task(method, stream.train_loader(t, dist.rank, dist.world), args, t, cfg.epochs, dist)
         seed_everything(task_seed(args.seed, t) + 500)  # the processes agree again whatever training drew
         method.end_task(t, classes, data)
-        task_seconds = time.time() - t0
-        t1 = time.time()
+        task_seconds, t1 = time.time() - t0, time.time()
         row, n_test = evaluate(method, stream, args, t, dist)
-        sd = method.state_dict()
-        stored = numel(sd) - base_numel
-        state["acc"].append(row)
-        state["n_test"] = n_test
-        state["per_task"].append({
+        eval_seconds, sd, steps = time.time() - t1, method.state_dict(), max(stats["steps"], 1)
+        progress["acc"].append(row)
+        progress["n_test"] = n_test
+        progress["per_task"].append({
             "classes": [classes[0], classes[-1] + 1], "trainable_params": stats["trainable_params"],
-            "stored_params": stored, "steps": stats["steps"], "final_loss": stats["loss"],
+            "stored_params": sum(v.numel() for v in sd.values()) - sum(v.numel() for v in base.values()),
+            "steps": stats["steps"], "optimizer_steps": stats["optimizer_steps"], "final_loss": stats["loss"],
             "train_seconds": round(stats["train_seconds"], 3),
-            "seconds_per_step": round(stats["train_seconds"] / max(stats["steps"], 1), 5),
-            "task_seconds": round(task_seconds, 3), "eval_seconds": round(time.time() - t1, 3)})
-        if lead:
-            # checkpoint first, then the state that points at it, then drop the older checkpoint: a kill at
-            # any moment leaves a state.json whose checkpoint exists
-            atomic_write(os.path.join(run_dir, f"checkpoint_task{t + 1}.pt"), lambda p: torch.save(sd, p))
-            write_json(os.path.join(run_dir, "state.json"), state)
-            if os.path.exists(os.path.join(run_dir, f"checkpoint_task{t}.pt")):
-                os.remove(os.path.join(run_dir, f"checkpoint_task{t}.pt"))
-            save_outputs(run_dir, state, stream)
-        a = accuracy_curve(state["acc"], n_test)[-1]
+            "seconds_per_step": round(stats["train_seconds"] / steps, 5),
+            "task_seconds": round(task_seconds, 3), "eval_seconds": round(eval_seconds, 3)})
+        if lead:  # one file, replaced atomically: a kill at any moment leaves the last finished task's checkpoint
+            ckpt = {"identity": ident, "progress": progress, "state": method_state(sd, base)}
+            atomic_write(os.path.join(run_dir, "checkpoint.pt"), lambda p: torch.save(ckpt, p))
+            save_outputs(run_dir, progress, stream.sizes)
         old = f"old {np.dot(row[:-1], n_test[:-1]) / max(sum(n_test[:-1]), 1):.2f}, " if t else ""
         loss = f"loss {stats['loss']:.4f}, " if stats["loss"] is not None else ""
-        log(f"task {t + 1}/{T} classes {classes[0]}-{classes[-1]}: acc {a:.2f} ({old}new {row[-1]:.2f}), "
-            f"{loss}trainable {stats['trainable_params']:,}, {task_seconds:.1f} s "
-            f"({stats['train_seconds'] / max(stats['steps'], 1):.3f} s/step), eval {time.time() - t1:.1f} s")
-    res = summary(state["acc"], state["n_test"])
-    log(f"done: last {res['last_acc']:.2f}, average incremental {res['avg_inc_acc']:.2f}, "
-        f"forgetting {res['forgetting']:.2f}, BWT {res['bwt']:.2f} -> {run_dir}")
+        a = accuracy_curve(progress["acc"], n_test)[-1]
+        print(f"task {t + 1}/{T} classes {classes[0]}-{classes[-1]}: acc {a:.2f} ({old}new {row[-1]:.2f}), {loss}"
+              f"trainable {stats['trainable_params']:,}, {task_seconds:.1f} s "
+              f"({stats['train_seconds'] / steps:.3f} s/step), eval {eval_seconds:.1f} s", flush=True)
+    res = summary(progress["acc"], progress["n_test"])
+    print(f"done: last {res['last_acc']:.2f}, average incremental {res['avg_inc_acc']:.2f}, forgetting "
+          f"{res['forgetting']:.2f}, BWT {res['bwt']:.2f} -> {run_dir}", flush=True)
     return run_dir
 
 
@@ -660,26 +675,20 @@ def run(args: TrainArgs, cfg, dist: Dist = Dist()) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        run_given, cfg_given = parse(argv)
-        if "resume" in run_given:
-            run_given, cfg_given = merge_resume(run_given, cfg_given)
-        args, cfg = resolve(run_given, cfg_given)
-        dist = init_dist()
-        # ranks > 0 print nothing (method hooks print progress); their errors still reach stderr
-        mute = open(os.devnull, "w") if dist.rank > 0 else None
-        try:
-            with contextlib.redirect_stdout(mute or sys.stdout):
-                run(args, cfg, dist)
+        args, cfg, saved = parse(argv)
+        dist = distributed.init()
+        try:  # ranks > 0 print nothing (method hooks print progress); their errors still reach stderr
+            with contextlib.redirect_stdout(open(os.devnull, "w") if dist.rank > 0 else sys.stdout), \
+                    contextlib.ExitStack() as locks:  # released however the run ends
+                run(args, cfg, dist, saved, locks)
         finally:
-            if mute is not None:
-                mute.close()
-            if dist.world > 1:
-                torch.distributed.destroy_process_group()
+            distributed.close(dist)
     except (UsageError, cil_data.DataError, bb.WeightsError, NonFiniteLoss) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("train.py: interrupted; finished tasks are kept, continue with --resume RUN_DIR", file=sys.stderr)
+        print("train.py: interrupted; finished tasks are kept, continue with the --resume command printed at the "
+              "start", file=sys.stderr)
         return 130
     return 0
 

@@ -31,7 +31,7 @@ cell) and a markdown table is printed. Then, per method:
   - a formula-free check: the measured stored growth per task, g(T) = (S_T - S_1) / (T - 1), is fitted as
     g = a + b * n with n = 100 / T classes per task; a is the per-task growth of the adapters, b the growth
     per class (head rows, prototypes). "constant" means the fit is exact over every T (residual 0);
-  - the expected stored count after every task from the spec's growth formula (EXPECTED below, evaluated
+  - the expected stored count after every task from the method's growth formula (EXPECTED below, evaluated
     with the backbone shape and each method's default Config), compared task by task with the measured one.
 """
 from __future__ import annotations
@@ -61,9 +61,11 @@ BACKBONE = "vit_small32"
 # ----------------------------------------------------------------------------------------------------
 # Expected stored parameters after the tasks of sizes n = [n_0, ..., n_t], as train.py counts them (state
 # dict minus the pretrained backbone, buffers included). c: the method's Config, v: the ViTConfig
-# (d = v.embed_dim, L = v.depth), N: number of classes. Each entry: (per-task growth in words, spec section,
-# function). Fixed-size buffers allocated in __init__ (bases, class statistics, prototype tables) count once
-# and do not grow; the growth per task is the "+" part inside the sum.
+# (d = v.embed_dim, L = v.depth), N: number of classes. Each entry: (per-task growth in words, where the
+# structure is stated, function). The structure comes from each method file's header ("Implements") and its
+# adapter classes (the tensors they register); the counts follow from it. Fixed-size buffers allocated in
+# __init__ (bases, class statistics, prototype tables) count once and do not grow; the growth per task is the
+# "+" part inside the sum. bench/constant_cost.py imports EXPECTED.
 
 
 def _sd_rank(c, t):  # sd_lora.py rank_of(t)
@@ -78,53 +80,58 @@ def _cl_split(c, v):
 
 
 EXPECTED = {
-    # baselines.md §1 (one LoRA, never expanded), §8 "Small-scale setting" (46,080 per LoRA at r = 10,
-    # 2 targets; head 193 per class). Constant LoRA on q, v of every block; one Linear head per task.
-    "seq_lora": ("(d+1)·n_t", "baselines.md §1, §8",
+    # One LoRA (A: r x d, B: d x r) on every target of every block, "never frozen, never expanded" (46,080 at
+    # r = 10, q and v, d = 192, L = 6); one Linear head per task, d + 1 per class.
+    "seq_lora": ("(d+1)·n_t", "methods/seq_lora.py header: Implements, Deviations (heads sized per task)",
                  lambda c, v, N, n: v.depth * len(c.targets) * 2 * v.embed_dim * c.rank
                  + (v.embed_dim + 1) * sum(n)),
-    # baselines.md §3, §8 (prototypes, 192 per class). Implementation: a prototype table of all N classes is
-    # allocated up front (plus the n_seen counter), so the stored count is constant: growth 0.
-    "simple_cil": ("0 (N·d prototype table allocated up front; spec: d per class)", "baselines.md §3, §8",
+    # Prototypes p_c of every class (SimpleCIL paper: "prototype" classifier, d per class). Implementation: the
+    # buffer `protos` (N x d) is allocated up front, plus the n_seen counter, so the stored count is constant.
+    "simple_cil": ("0 (N·d prototype table allocated up front; d per class in the paper)",
+                   "methods/simple_cil.py header: Implements; buffers protos, n_seen",
                    lambda c, v, N, n: N * v.embed_dim + 1),
-    # baselines.md §8: per task trainable B^k, B^v = L·2·d·r (23,040) + stored A = L·r·d (11,520) + head
-    # (d+1)·n_t. Fixed: the DualGPM basis, a d x d float64 buffer per adapted block, + width and mode scalars;
-    # with --ca the class means and covariances (N·d + N·d²).
-    "inflora": ("Lb·(r·d + |targets|·d·r) + (d+1)·n_t", "baselines.md §4.1, §8",
+    # Per task and adapted block: A_t (r x d, frozen, stored) and B_t per target (d x r, trained) (23,040 + 11,520
+    # at r = 10, k and v); a Linear head (d + 1 per class). Fixed: per adapted block the DualGPM basis (d x d,
+    # float64) and its width and mode scalars; with --ca the class means and covariances (N·d + N·d²).
+    "inflora": ("Lb·(r·d + |targets|·d·r) + (d+1)·n_t",
+                "methods/inflora.py header: Implements; Adapter buffers basis, width, mode",
                 lambda c, v, N, n: (c.blocks or v.depth) * (v.embed_dim ** 2 + 2)
                 + (N * v.embed_dim * (1 + v.embed_dim) if c.ca else 0)
                 + sum((c.blocks or v.depth) * (c.rank * v.embed_dim * (1 + len(c.targets))) + (v.embed_dim + 1) * k
                       for k in n)),
-    # sd_lora.md §4 "Parameter growth", §18 "Small-scale setting": 4·L·d·r_t per task + 1 magnitude per task
-    # + (d+1) per class. Implementation extras, per task: the frozen normaliser nu (2 per block) and the KD
-    # offset and kept flag (1 + 1). The single head grows to C_t rows.
-    "sd_lora": ("4·L·d·r_t + 2L + 3 + (d+1)·n_t", "sd_lora.md §4, §18",
+    # Per task one component on q and v of every block (A: r_t x d, B: d x r_t, two each: 4·L·d·r_t), its frozen
+    # normaliser nu (2 per block), the magnitude alpha_t, the KD offset delta_t and the kept flag (1 + 1 + 1);
+    # one Linear head per task (d + 1 per class).
+    "sd_lora": ("4·L·d·r_t + 2L + 3 + (d+1)·n_t",
+                "methods/sd_lora.py header: Implements; Component buffer nu, Magnitudes alpha, offset, kept",
                 lambda c, v, N, n: sum(v.depth * (4 * v.embed_dim * _sd_rank(c, t) + 2) + 3 + (v.embed_dim + 1) * k
                                        for t, k in enumerate(n))),
-    # cl_lora.md §4 (growth: specific adapters + block weights + d·n_t prototypes), §12 invariant
-    # "(L−l)·2·2·d·r + 3(L−l) + d·n_t", §17 (23,040 + 9 + 192·n_t). Fixed: shared Dn, Up and the teacher's Up
-    # (l·3·2·d·r); the current task's local cosine head (d·n_t + 1) is replaced each task, so it does not grow.
-    "cl_lora": ("(L−l)·(2·2·d·r + 3) + d·n_t", "cl_lora.md §4, §12, §17",
+    # Fixed: in each of the l shared blocks, A_s, B_s and the teacher's B for q and v (l·3·2·d·r). Per task: in
+    # each of the L - l specific blocks a q, v LoRA (A, B: 4·d·r) and a 3-vector of block weights (mu), and the
+    # prototypes of the task's classes (d per class); the current task's local cosine head (d·n_t + 1) is
+    # replaced every task, so it does not grow (23,040 + 9 + 192·n_t at r = 10, d = 192, L = 6).
+    "cl_lora": ("(L−l)·(2·2·d·r + 3) + d·n_t",
+                "methods/cl_lora.py header: Implements; SharedLoRA, SpecificLoRA",
                 lambda c, v, N, n: _cl_split(c, v) * 3 * 2 * v.embed_dim * c.rank
                 + sum((v.depth - _cl_split(c, v)) * (4 * v.embed_dim * c.rank + 3) + v.embed_dim * k for k in n)
                 + v.embed_dim * n[-1] + 1),
-    # c_lora.md §5 (table: growth per task 0 + head |C_t|·d), §15 (153,600 trainable + 6,144 R_old, growth 0
-    # + 192·|C_t|). Fixed: per adapted matrix A, B (2·r·d), R_delta and R_old (2·r²); Q_old is not saved.
-    # Head: cosine (d per class, no bias) by default, a Linear (d+1) otherwise; --classifier-alignment adds
-    # N·d + N·d² statistics.
-    "c_lora": ("0 + d·n_t (cosine head)", "c_lora.md §5, §15",
+    # Fixed, per adapted matrix: A, B (2·r·d), R_delta and R_old (2·r²); Q_old is not saved ("The adapter's size
+    # is fixed ... only the classifier grows"). Head: cosine (d per class, no bias) by default, a Linear (d + 1)
+    # otherwise; --ca adds the N·d + N·d² class statistics.
+    "c_lora": ("0 + d·n_t (cosine head)",
+               "methods/c_lora.py header: Implements (the adapter's size is fixed); LoRASite",
                lambda c, v, N, n: v.depth * len(c.targets) * (2 * c.rank * v.embed_dim + 2 * c.rank ** 2)
                + (v.embed_dim + (c.head != "cosine_proto")) * sum(n)
-               + (N * v.embed_dim * (1 + v.embed_dim) if c.classifier_alignment else 0)),
-    # keep_lora.md §10 (deployed size constant + classifier rows), §17 (24 matrices; bases at most 24·d²;
-    # heads 192 per class). Fixed: per adapted matrix B (r·d, merged and zeroed after each task), the basis Q
-    # (d x d, fixed shape) and its width k; A is not saved.
-    "keep_lora": ("0 + d·n_t (cosine head)", "keep_lora.md §10, §17",
+               + (N * v.embed_dim * (1 + v.embed_dim) if c.ca else 0)),
+    # Fixed, per adapted matrix: B (r·d, merged into the backbone and zeroed after each task), the basis Q
+    # (d x d, fixed shape) and its width k; A is not saved. A cosine head, d per class.
+    "keep_lora": ("0 + d·n_t (cosine head)", "methods/keep_lora.py header: Per task t; Site buffers Q, k",
                   lambda c, v, N, n: v.depth * len(c.targets) * (c.rank * v.embed_dim + v.embed_dim ** 2 + 1)
                   + v.embed_dim * sum(n)),
-    # sr2_lora.md §4 "Parameter growth" (L·2·(d·r + r·d) + head), §17 (46,080 + 193 per class). Fixed: the
-    # class means (N·d, float64) and covariances (N·d²) of the classifier alignment, allocated up front.
-    "sr2_lora": ("L·|targets|·2·d·r + (d+1)·n_t", "sr2_lora.md §4, §17",
+    # Per task: a LoRA (A, B) on each target of every block (46,080 at r = 10, k and v) and a Linear head (d + 1
+    # per class). Fixed: the classifier alignment's class means (N·d, float64) and covariances (N·d²), allocated
+    # up front (header: "Fixed ... preallocated fixed-shape buffers").
+    "sr2_lora": ("L·|targets|·2·d·r + (d+1)·n_t", "methods/sr2_lora.py header: Implements, Fixed",
                  lambda c, v, N, n: N * v.embed_dim * (1 + v.embed_dim)
                  + sum(v.depth * len(c.targets) * 2 * v.embed_dim * c.rank + (v.embed_dim + 1) * k for k in n)),
 }
@@ -200,7 +207,7 @@ def run_cell(method: str, T: int, args, data_root: str, work: str) -> dict:
 
 def expected_row(row: dict, v) -> dict:
     """Expected stored counts after every task, from EXPECTED and the method's default Config."""
-    words, spec, fn = EXPECTED[row["method"]]
+    words, source, fn = EXPECTED[row["method"]]
     c, n = METHODS[row["method"]].Config(), row["task_sizes"]
     exp = [fn(c, v, NUM_CLASSES, n[: t + 1]) for t in range(len(row["stored_params"]))]
     mism = [t for t, (a, b) in enumerate(zip(row["stored_params"], exp)) if a != b]
@@ -252,7 +259,7 @@ def checks(rows: list[dict], methods: list[str], v) -> list[str]:
         if not rs:
             out.append(f"{m}: no finished run")
             continue
-        words, spec, fn = EXPECTED[m]
+        words, source, fn = EXPECTED[m]
         c = METHODS[m].Config()
         # expected a, b: growth per task is affine in the task size n for equal tasks
         g = [(fn(c, v, NUM_CLASSES, [k, k]) - fn(c, v, NUM_CLASSES, [k])) for k in (0, 1)]
@@ -269,7 +276,7 @@ def checks(rows: list[dict], methods: list[str], v) -> list[str]:
         exact = all(r["stored_matches_expected"] for r in rs)
         bad = [f"T={r['tasks']} from task {r['first_mismatch_task']}" for r in rs if not r["stored_matches_expected"]]
         out.append(f"{m}: {meas}; constant across T: {const}; expected {ea:,} + {eb:,}·n_t = {words} "
-                   f"[{spec}]; every per-task stored count = expected: {'yes' if exact else 'NO (' + ', '.join(bad) + ')'}")
+                   f"[{source}]; every per-task stored count = expected: {'yes' if exact else 'NO (' + ', '.join(bad) + ')'}")
     return out
 
 

@@ -1,20 +1,17 @@
 """Why SR²-LoRA's classifier alignment collapses on the `cpu` preset: re-run the alignment from a checkpoint.
 
-Loads the last checkpoint of an sr2_lora run directory (the run must have been started with the same flags as
-below, e.g. `--stop-after 7` of the `cpu` preset), then, from the checkpoint's (already aligned) heads, runs
+Loads the checkpoint of an sr2_lora run directory (e.g. a `cpu`-preset run stopped with `--stop-after 7`), then, from the checkpoint's (already aligned) heads, runs
 the alignment again with three losses: SR²'s (entropy + logit-normalised CE, the official default), the
 logit-normalised CE alone, and plain CE (the official `vanilla` base, SLCA). For each it prints the accuracy on
 the seen test classes, the accuracy on fresh Gaussian replay from the stored statistics (what the alignment
 fits), and how many test images each task's head wins.
 
-    python bench/sr2_ca_probe.py RUN_DIR --data-root ../shared/data \
-        --weights ../shared/weights/vit_small32_cifar10.pth
+    python bench/sr2_ca_probe.py RUN_DIR     # --data-root / --weights only if they have moved since the run
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 
@@ -23,6 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import train  # noqa: E402
+from backbone import features  # noqa: E402
 import methods.sr2_lora as sr2  # noqa: E402
 
 
@@ -30,30 +28,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--weights", default="../shared/weights/vit_small32_cifar10.pth")
+    p.add_argument("--weights", default=None, help="the run's weights file, if it has moved")
     a = p.parse_args()
-    k = len(json.load(open(os.path.join(a.run_dir, "state.json")))["acc"])
-    argv = ["--method", "sr2_lora", "--preset", "cpu", "--tasks", "10", "--weights", a.weights]
-    argv += ["--data-root", a.data_root] if a.data_root else []
-    args, cfg = train.resolve(*train.parse(argv))
-    stream, m, _, _ = train.setup(args, cfg)
-    for t in range(k):
-        m.grow(t, stream.tasks[t])
-    m.load_state_dict(torch.load(os.path.join(a.run_dir, f"checkpoint_task{k}.pt"), weights_only=True))
+    extra = (["--data-root", a.data_root] if a.data_root else []) + (["--weights", a.weights] if a.weights else [])
+    args, cfg, saved = train.parse(["--resume", a.run_dir] + extra)
+    assert args.method == "sr2_lora", f"{a.run_dir} is a {args.method} run, not sr2_lora"
+    stream, m, _, _, _, progress = train.setup(args, cfg, saved)  # rebuilds the finished tasks, loads the state
+    k = len(progress["acc"])
     m.eval()
     with torch.no_grad():
-        batches = [(m.vit(x), y) for x, y in stream.test_loader(k - 1, 0, 1)]  # every class seen so far
+        batches = [(features(m.vit, x), y) for x, y in stream.test_loader(k - 1, 0, 1)]  # every class seen so far
     f, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     offs = torch.tensor(m.offsets[1:])
     n_seen = m.offsets[-1]
     eye = torch.eye(f.shape[1], dtype=torch.float64)
-    chol = torch.linalg.cholesky(m.covs[:n_seen].double() + cfg.ca_shrink * eye).float()
+    chol = torch.linalg.cholesky(m.ca_cov[:n_seen].double() + cfg.ca_shrink * eye).float()
 
     def report(tag: str) -> None:
         with torch.no_grad():
             pred = m.logits(f).argmax(1)
             torch.manual_seed(1)
-            g = sr2.gaussian_replay(m.means[:n_seen].float(), chol, 100).flatten(0, 1)
+            g, _ = sr2.gaussian_replay(m.ca_mean[:n_seen].float(), chol, 100)
             replay = (m.logits(g).argmax(1) == torch.arange(n_seen).repeat_interleave(100)).float().mean()
         wins = torch.bincount(torch.bucketize(pred, offs, right=True), minlength=k).tolist()
         print(f"{tag:32s} test acc {100 * (pred == y).float().mean():5.2f}  replay acc {100 * replay:5.2f}  "
@@ -71,9 +66,9 @@ def main() -> None:
     try:
         for tag, loss in losses.items():
             m.heads.load_state_dict(heads)
-            sr2.alignment_loss = loss  # align_classifiers looks the loss up at call time
+            sr2.alignment_loss = loss  # align_heads looks the loss up at call time
             torch.manual_seed(0)
-            m.align_classifiers()
+            m.align_heads(k - 1)
             report(tag)
     finally:
         sr2.alignment_loss = original

@@ -39,11 +39,11 @@ def task_data(classes, n_per_class, img, batch, seed):
 
 def build(name, args):
     torch.manual_seed(0)
-    vit, _ = bb.create(args.backbone, args.weights)
+    vit, info = bb.create(args.backbone, args.weights)
     module = METHODS[name]
     cfg = dataclasses.replace(module.Config(), batch_size=args.batch_size, epochs=1000)  # schedules never run out
     m = module.Method(vit, 20, cfg).to(args.device)
-    img = vit.cfg.img_size
+    img = info["config"]["img_size"]
     for t in range(2):
         classes = list(range(10 * t, 10 * t + 10))
         data = task_data(classes, args.per_class, img, args.batch_size, t)

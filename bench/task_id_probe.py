@@ -12,7 +12,6 @@ plus, per task, how many test images each task's classes win.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -28,16 +27,9 @@ def main() -> None:
     p.add_argument("run_dir")
     p.add_argument("--data-root", default=None)
     a = p.parse_args()
-    run_given, cfg_given = train.merge_resume(*train.parse(["--resume", a.run_dir]))
-    run_given.pop("resume", None)
-    if a.data_root:
-        run_given["data_root"] = a.data_root
-    args, cfg = train.resolve(run_given, cfg_given)
-    stream, method, _, _ = train.setup(args, cfg)
-    k = len(json.load(open(os.path.join(a.run_dir, "state.json")))["acc"])
-    for t in range(k):
-        method.grow(t, stream.tasks[t])
-    method.load_state_dict(torch.load(os.path.join(a.run_dir, f"checkpoint_task{k}.pt"), weights_only=True))
+    args, cfg, saved = train.parse(["--resume", a.run_dir] + (["--data-root", a.data_root] if a.data_root else []))
+    stream, method, _, _, _, progress = train.setup(args, cfg, saved)  # rebuilds the finished tasks, loads the state
+    k = len(progress["acc"])
     method.eval()
     sizes = [len(stream.tasks[j]) for j in range(k)]
     bounds = np.cumsum([0] + sizes)

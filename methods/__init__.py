@@ -1,16 +1,23 @@
 """The methods, one self-contained file each, and the registry train.py reads.
 
 The method contract (structural: no base class). A method is an `nn.Module` built as
-`Method(vit, num_classes, cfg)` from the backbone (backbone.ViT), the total number of classes and
-its own frozen `Config` dataclass (a docstring under every field; defaults = the paper's values;
-every Config has `lr`, `epochs` and `batch_size`, which the presets may override). train.py calls:
+`Method(vit, num_classes, cfg)` from the backbone (backbone.ViT or timm's VisionTransformer), the
+total number of classes and its own frozen `Config` dataclass (a docstring under every field;
+defaults = the paper's values; every Config has `lr`, `epochs` and `batch_size`, which the presets
+may override). train.py calls:
 
     grow(t, classes)              structure for task t (heads, adapters), no data; also called for every
                                   finished task on --resume, before load_state_dict(strict=True)
     begin_task(t, classes, data)  may pass over the task's data (statistics, gradient estimates)
     optimizer(steps_per_epoch)    -> (optimizer, scheduler or None) for the trainable parameters, or
                                   (None, None) when nothing trains; the scheduler steps once per batch
-    loss(x, y)                    scalar loss of one training batch; y are global labels
+    loss(x, y)                    the loss of one training batch (y are global labels): a scalar tensor (one
+                                  optimiser step), or a generator that yields one scalar loss per optimiser
+                                  step; after each yield train.py does zero_grad, backward (through the
+                                  GradScaler), gradient averaging under torchrun, step and scaler update, and
+                                  the generator resumes after that step (a later loss needs a fresh forward).
+                                  The scheduler steps once per batch, after the last yield; the batch's
+                                  recorded loss (progress, NaN check) is the sum of its yielded losses
     end_task(t, classes, data)    merges, freezes, stores prototypes / statistics / subspaces
     forward(x)                    logits over every class seen so far (no task id)
 
@@ -18,10 +25,12 @@ every Config has `lr`, `epochs` and `batch_size`, which the presets may override
 `data` is a data.TaskLoaders: `data.train` (train transforms, shuffled) and `data.plain` (the same
 images with test transforms, fixed order); both yield (x, y) with global labels and cover the whole
 task on every process. train.py owns backward, gradient averaging, the optimizer step and mixed
-precision (loss and forward run under autocast; the hooks run in float32). A method that changes
+precision (loss, each advance of a loss generator, and forward run under autocast; the hooks run
+in float32). A method that changes
 gradients does so inside `loss` (a custom autograd function or a tensor hook).
 Anything end_task decides with a data-dependent shape is kept in fixed-shape buffers, so that
-grow() alone rebuilds the structure a checkpoint needs.
+grow() alone rebuilds the structure a checkpoint needs. The checkpoint holds the method's state dict
+except the backbone tensors that still equal the loaded weights (a merge into the backbone is kept).
 """
 from methods import seq_lora, simple_cil
 from methods import inflora

@@ -3,50 +3,63 @@
 Paper: Zhang, Bai, Yang, Liang, "C-LoRA: Continual Low-Rank Adaptation for Pre-trained Models",
 arXiv 2502.17920 (February 2025; preprint, venue not confirmed). Not to be confused with "CLoRA" (Controlled
 LoRA), "CL-LoRA" (He et al., CVPR 2025; methods/cl_lora.py) or "C-LoRA" (Smith et al., 2023, diffusion).
-Official code: none released. Spec: ../shared/specs/c_lora.md. No code was followed for the method; the
-optional classifier alignment follows protocol.md §8 (PILOT SLCA / InfLoRA-CA), as methods/inflora.py does.
+Official code: none released. The optional classifier alignment (off by default) is InfLoRA's
+(liangyanshuo/InfLoRA @ e08b00e `methods/inflora_ca1.py`, "inflora_ca1.py L<n>" below; the same code as
+methods/inflora.py).
 
-THIS FILE IS A RECONSTRUCTION. Provenance tags (spec §0) are kept in the comments:
-    [FORMAL]  the core algebra, from a third-party Lean formalisation of the paper's Eqs. 3-17 and 26:
-              dW = A R B, R = R_old + R_delta, the old route's gradient stopped, Theorem 3.1, ||Q_old^T R_delta||^2
-    [SUMM]    aggregator summaries of the abstract (decomposition, orthogonality, protocol)
+THIS FILE IS A RECONSTRUCTION. Where each part comes from is marked in the comments:
+    [FORMAL]  the core algebra of the paper's Eqs. 3-17 and 26 and Theorem 3.1, as restated by a third-party
+              Lean formalisation (`ContinualLowRankRouting.lean`, MeTTapedia project): delta W = left R right,
+              R = R_old + R_delta, the old route's gradient stopped, Theorem 3.1, ||Q_old^T R_delta||_F^2
+    [SUMM]    summaries of the paper's abstract (decomposition, orthogonality, protocol)
     [WEAK]    one third-party design document (R_delta near zero, lambda = 0.01)
     [ASSUMED] everything else; every such choice is a Config field.
 No C-LoRA hyper-parameter and no result number is known.
 
-Implements (PyTorch convention y = x W0^T + b; A = up (d_out x r), R (r x r), B = down (r x d_in)):
-    dW = s A (R_old + R_delta) B                                           forward value [FORMAL]
-    y_adapt = s [ x sg(B)^T R_old^T sg(A)^T + x B^T R_delta^T A^T ]        Eqs. 11-12, sg = detach [FORMAL rule,
-        so grad_A = s G B^T R_delta^T, grad_B = s R_delta^T A^T G,          ASSUMED realisation]
-           grad_R_delta = s A^T G B^T, with G = dL/d(dW); R_old is a buffer
+Implements (PyTorch convention y = x W0^T + b; A = down (r x d_in), R (r x r), B = up (d_out x r); the paper
+writes delta W = A R B with A the up ("left") and B the down ("right") factor, the reverse of this file):
+    delta W = s B (R_old + R_delta) A                                      forward value [FORMAL]
+    y_adapt = s [ x sg(A)^T R_old^T sg(B)^T + x A^T R_delta^T B^T ]        Eqs. 11-12, sg = detach [FORMAL rule,
+        so grad_B = s G A^T R_delta^T, grad_A = s R_delta^T B^T G,          ASSUMED realisation]
+           grad_R_delta = s B^T G A^T, with G = dL/d(delta W); R_old is a buffer
     L = CE(h_t(f(x)), y - K_t) + lambda * sum_matrices ||Q_old^T R_delta||_F^2,  Q_old = R_old    Eq. 26 [FORMAL]
     task boundary: R_old <- R_old + R_delta, R_delta <- 0 (the function is unchanged); A, B keep training
     inference: logits of all seen heads concatenated, argmax, no task id; the adapter equals the merged
-        weight W0 + s A R_old B (`merged_vit`)
-    optional (off): SLCA-style classifier alignment of all heads on Gaussian class replay (protocol.md §8)
-    Eqs. 4-5 (why one LoRA replaces many): R = blockdiag(w_t I) gives A R B = sum_t w_t A_t B_t.
+        weight W0 + s B R_old A (`merged_vit`), so evaluation costs one pass of the plain backbone
+    optional (off, --ca): classifier alignment of all heads on Gaussian class replay after every task t >= 1
+        (inflora_ca1.py L101-103, L405-487): class mean mu_c and covariance Sigma_c of f(x) on the class's
+        training images with test transforms, frozen at their task (L541-559); SGD momentum 0.9, cosine over
+        the epochs (L411-416); per epoch n samples per class from N(gamma_c mu_c, Sigma_c + delta I)
+        (L430-443), gamma_c = 0.9 + 0.1 (t_c + 1)/(t + 1) (L431-433), shuffled and cut into |C_<=t| batches
+        of n (L448-455); CE on z / (tau mean_s ||z_{C_s}||) (L459-473)
+    Eqs. 4-5 (why one LoRA replaces many): R = blockdiag(w_t I) gives B R A = sum_t w_t B_t A_t.
 The adapter's size is fixed: per matrix r (d_in + d_out) + r^2 trainable values and r^2 buffer values (R_old),
 whatever the number of tasks; only the classifier grows.
 
-Defaults (all [ASSUMED], spec §8 and §15, chosen for comparability with KeepLoRA): targets q, k, v, o of every
-block; r = 16; s = alpha / r = 1; AdamW lr 1e-3, weight decay 0 (decay on A and B would rewrite the old routes,
-spec C4); one-cycle schedule per batch; batch 64; 10 epochs per task; lambda = 1e-2 [WEAK]; R_delta = 0 and
-A, B Kaiming-uniform (a = sqrt 5; both non-zero, spec §5, C3); a per-task cosine head (scale 30) initialised to
-the normalised class means of the current backbone, trained with task-local CE and frozen after its task
-(the KeepLoRA transplant head, spec §7).
+Defaults (all [ASSUMED], chosen for comparability with KeepLoRA, methods/keep_lora.py): targets q, k, v, o of
+every block; r = 16; s = alpha / r = 1; AdamW lr 1e-3, weight decay 0 (decay on A and B would rewrite the old
+routes, whose value still moves with A and B); one-cycle schedule per batch; batch 64; 10 epochs per task;
+lambda = 1e-2 [WEAK]; R_delta = 0 and A, B Kaiming-uniform (a = sqrt 5). Both factors are non-zero: with
+R_delta = 0 the stop-gradient makes grad_A = grad_B = 0, and with a zero factor grad_R_delta would be 0 too, so
+nothing would learn. A per-task cosine head (scale 30) initialised to the normalised class means of the current
+backbone, trained with task-local CE and frozen after its task (the KeepLoRA transplant head).
 
-Deviations (from the spec; there is no official code):
+Deviations (there is no official code; these are choices beyond the sources above):
 - The one-cycle schedule is written as a per-step LambdaLR (torch OneCycleLR's lr shape: 30 % warm-up from
   lr/25, cosine down to lr/1e4) without OneCycleLR's momentum cycling, and it clamps instead of raising if
-  stepped past its end. The spec leaves the schedule open ("OneCycle (or cosine)").
-- With `orth_normalise`, the penalty is divided by ||Q_old||_F^2 + 1e-8: the spec's ||R_old||_F^2 in the default
-  mode; in `svd_topk` mode the basis is orthonormal and the divisor is k, which does not drift.
+  stepped past its end. The sources leave the schedule open ("OneCycle (or cosine)").
+- With `orth_normalise`, the penalty is divided by ||Q_old||_F^2 + 1e-8, which keeps its weight from growing
+  with R_old over tasks: ||R_old||_F^2 in the default mode; in `svd_topk` mode the basis is orthonormal and the
+  divisor is k, which does not drift.
 - The head scale 30 is fixed (not learned), as the KeepLoRA+ head it borrows.
-- `classifier_alignment` (off by default; protocol.md §8, preset `inflora_ca`) keeps the aligned heads: the
-  contract has no hook after evaluation, so PILOT's restore-after-evaluation variant is not offered. It samples
-  with torch's global generator (seeded by train.py).
-- The boundary test checks R_old_new == R_old_old + R_delta_old bit-exactly; the spec's literal
-  "R_old_new - R_old_old == R_delta_old exactly" does not hold in floating point.
+- Evaluation (the method in eval mode) runs `merged_vit()`, a copy with every site's s B (R_old + R_delta) A
+  added into attn.qkv / attn.proj and no adapters: one pass of the plain backbone, the same logits up to float
+  rounding. The copy is built on the first evaluation forward and kept outside the module tree (not in the
+  state dict) until `train()`/`eval()`, `grow`, `begin_task`, `end_task` or `load_state_dict`; the eval forward
+  is not differentiable in A, B, R. Training mode (and every loss) runs the adapters.
+- `--ca` keeps the aligned heads: the contract has no hook after evaluation, so PILOT's restore-after-evaluation
+  variant is not offered. It samples with torch's global generator (seeded by train.py). Sigma_c is stored in
+  float32.
 
 Run: python train.py --method c_lora --tasks 10
 """
@@ -60,7 +73,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import ViT, attach, qkv_rows
+from backbone import attach, features, qkv_rows
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -69,9 +82,9 @@ from backbone import ViT, attach, qkv_rows
 @dataclass(frozen=True)
 class Config:
     rank: int = 16
-    """LoRA rank r, the size of the routing matrix R (spec §8 [ASSUMED]; sweep 8, 16)"""
+    """LoRA rank r, the size of the routing matrix R [ASSUMED; sweep 8, 16]"""
     scale: float = 1.0
-    """s = alpha / r with alpha = r (spec §8 [ASSUMED])"""
+    """s = alpha / r with alpha = r [ASSUMED]"""
     targets: str = "qkvo"
     """adapted matrices of every block, any of q, k, v (slices of the fused qkv) and o (attn.proj) [ASSUMED]"""
     old_route_stopgrad: bool = True
@@ -83,72 +96,95 @@ class Config:
     orth_energy: float = 0.95
     """'svd_topk': keep the fewest singular vectors of R_old whose squared singular values reach this share"""
     orth_normalise: bool = False
-    """divide the penalty by ||Q_old||_F^2 + 1e-8 so that its weight does not grow with R_old (spec C5 [ASSUMED])"""
+    """divide the penalty by ||Q_old||_F^2 + 1e-8 so that its weight does not grow with R_old [ASSUMED]"""
     r_delta_init_std: float = 0.0
-    """R_delta ~ N(0, std^2) at the start of every task; 0 keeps the function unchanged (spec §5 [WEAK])"""
+    """R_delta ~ N(0, std^2) at the start of every task; 0 keeps the function unchanged ("near zero" [WEAK])"""
     head: str = "cosine_proto"
-    """'cosine_proto': cosine head, prototype init (KeepLoRA transplant, spec §7); 'linear': a linear head"""
+    """'cosine_proto': cosine head, prototype init (the KeepLoRA transplant); 'linear': a linear head"""
     head_scale: float = 30.0
     """scale tau of the cosine head (KeepLoRA+ head)"""
     lr: float = 1e-3
-    """AdamW learning rate (spec §8 [ASSUMED])"""
+    """AdamW learning rate [ASSUMED]"""
     weight_decay: float = 0.0
-    """AdamW weight decay; 0 on A, B and R_delta (spec C4: decay on A and B rewrites the old routes)"""
+    """AdamW weight decay; 0 on A, B and R_delta (decay on A and B rewrites the old routes) [ASSUMED]"""
     schedule: str = "onecycle"
-    """per-batch learning-rate schedule: 'onecycle', 'cosine' or 'constant' (spec §8 [ASSUMED])"""
+    """per-batch learning-rate schedule: 'onecycle', 'cosine' or 'constant' [ASSUMED]"""
     epochs: int = 10
-    """epochs per task (spec §8, CIFAR [ASSUMED])"""
+    """epochs per task (CIFAR) [ASSUMED]"""
     batch_size: int = 64
-    """training batch size (spec §8 [ASSUMED])"""
-    classifier_alignment: bool = False
-    """SLCA-style alignment of all heads after every task t >= 1 (protocol.md §8; an ablation, spec §7, C6)"""
+    """training batch size [ASSUMED]"""
+    ca: bool = False
+    """classifier alignment after every task t >= 1 (InfLoRA's; an ablation, not part of C-LoRA)"""
     ca_epochs: int = 5
-    """alignment epochs (protocol.md §8, preset inflora_ca: 5)"""
+    """alignment epochs (inflora_ca1.py: 5)"""
     ca_lr: float = 0.01
     """alignment SGD learning rate (momentum 0.9, cosine over the alignment epochs)"""
     ca_weight_decay: float = 5e-4
     """alignment SGD weight decay"""
     ca_samples: int = 256
-    """Gaussian samples per class and epoch, also the alignment batch size (SLCA: 256)"""
+    """Gaussian samples per class and epoch, also the alignment batch size (inflora_ca1.py: 256)"""
     ca_shrink: float = 1e-4
     """covariance shrinkage delta: Sigma_c + delta I"""
     ca_logit_norm: float = 0.1
-    """tau of the per-task logit normalisation during alignment (0: plain CE)"""
+    """tau of the per-task logit normalisation (0: plain CE)"""
 
 
 CHOICES = {"orth_mode": ("r_old", "svd_topk"), "head": ("cosine_proto", "linear"),
            "schedule": ("onecycle", "cosine", "constant")}
 
+
+def validate(cfg: Config) -> None:
+    """Raise ValueError for a Config that cannot run."""
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
+                             f"(got {getattr(cfg, name)!r})")
+    if not cfg.targets or not set(cfg.targets) <= set("qkvo") or len(set(cfg.targets)) != len(cfg.targets):
+        raise ValueError(f"--targets must be distinct letters of q, k, v, o (got {cfg.targets!r})")
+    for name, ok, rule in (("rank", cfg.rank >= 1, ">= 1"), ("scale", cfg.scale > 0, "> 0"),
+                           ("lambda_orth", cfg.lambda_orth >= 0, ">= 0"),
+                           ("orth_energy", 0 < cfg.orth_energy <= 1, "in (0, 1]"),
+                           ("r_delta_init_std", cfg.r_delta_init_std >= 0, ">= 0"),
+                           ("head_scale", cfg.head_scale > 0, "> 0"), ("lr", cfg.lr > 0, "> 0"),
+                           ("weight_decay", cfg.weight_decay >= 0, ">= 0"), ("epochs", cfg.epochs >= 1, ">= 1"),
+                           ("batch_size", cfg.batch_size >= 1, ">= 1"), ("ca_epochs", cfg.ca_epochs >= 1, ">= 1"),
+                           ("ca_lr", cfg.ca_lr > 0, "> 0"), ("ca_weight_decay", cfg.ca_weight_decay >= 0, ">= 0"),
+                           ("ca_samples", cfg.ca_samples >= 1, ">= 1"), ("ca_shrink", cfg.ca_shrink >= 0, ">= 0"),
+                           ("ca_logit_norm", cfg.ca_logit_norm >= 0, ">= 0")):
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {rule} (got {getattr(cfg, name)})")
+
+
 # ----------------------------------------------------------------------------------------------------
-# LoRA
+# Adapters
 
 
 class LoRASite(nn.Module):
-    """One adapted matrix W0 (d_out x d_in): delta(x) = s x B^T (R_old + R_delta)^T A^T, old route stop-grad."""
+    """One adapted matrix W0 (d_out x d_in): delta(x) = s x A^T (R_old + R_delta)^T B^T, old route stop-grad."""
 
     def __init__(self, d_in: int, d_out: int, rank: int, scale: float, stopgrad: bool = True):
         super().__init__()
         self.scale, self.stopgrad = scale, stopgrad
-        self.A = nn.Parameter(torch.empty(d_out, rank))  # up ("left", Output x Route)
-        self.B = nn.Parameter(torch.empty(rank, d_in))  # down ("right", Route x Input)
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as Linear(r -> d_out): U(+-1/sqrt r), non-zero (C3)
-        nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))  # as Linear(d_in -> r): U(+-1/sqrt d_in), non-zero
+        self.A = nn.Parameter(torch.empty(rank, d_in))  # down (the paper's "right", Route x Input)
+        self.B = nn.Parameter(torch.empty(d_out, rank))  # up (the paper's "left", Output x Route)
+        nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))  # as Linear(r -> d_out): U(+-1/sqrt r), non-zero
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as Linear(d_in -> r): U(+-1/sqrt d_in), non-zero
         self.R_delta = nn.Parameter(torch.zeros(rank, rank))  # fresh route, trainable, 0 at init [WEAK]
         self.register_buffer("R_old", torch.zeros(rank, rank))  # accumulated routing, frozen, 0 in task 0
         # the penalty's old basis; derived from R_old in begin_task, so it is not saved
         self.register_buffer("Q_old", torch.zeros(rank, rank), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fresh = F.linear(F.linear(F.linear(x, self.B), self.R_delta), self.A)  # x B^T R_delta^T A^T
+        fresh = F.linear(F.linear(F.linear(x, self.A), self.R_delta), self.B)  # x A^T R_delta^T B^T
         if self.stopgrad:  # Eqs. 11-12: the old route adds its value, but no gradient to A and B
-            old = F.linear(F.linear(F.linear(x, self.B.detach()), self.R_old), self.A.detach())
+            old = F.linear(F.linear(F.linear(x, self.A.detach()), self.R_old), self.B.detach())
         else:  # naive freeze: R_old is a buffer, A and B get the full gradient through it
-            old = F.linear(F.linear(F.linear(x, self.B), self.R_old), self.A)
-        return self.scale * (old + fresh)  # = x dW^T with dW = s A (R_old + R_delta) B
+            old = F.linear(F.linear(F.linear(x, self.A), self.R_old), self.B)
+        return self.scale * (old + fresh)  # = x delta W^T with delta W = s B (R_old + R_delta) A
 
     def delta_weight(self) -> torch.Tensor:
-        """s A (R_old + R_delta) B, (d_out, d_in): the weight this adapter adds to W0."""
-        return self.scale * self.A @ (self.R_old + self.R_delta) @ self.B
+        """s B (R_old + R_delta) A, (d_out, d_in): the weight this adapter adds to W0."""
+        return self.scale * self.B @ (self.R_old + self.R_delta) @ self.A
 
     @torch.no_grad()
     def set_old_basis(self, mode: str, energy: float) -> None:
@@ -169,7 +205,7 @@ class LoRASite(nn.Module):
 
     @torch.no_grad()
     def consolidate(self) -> None:
-        """Task boundary: R_old <- R_old + R_delta, R_delta <- 0. dW, hence the function, is unchanged."""
+        """Task boundary: R_old <- R_old + R_delta, R_delta <- 0. delta W, hence the function, is unchanged."""
         self.R_old += self.R_delta
         self.R_delta.zero_()
 
@@ -186,15 +222,15 @@ class QKVAdapter(nn.Module):
 
 
 class CosineHead(nn.Module):
-    """logits = tau cos(f, w_c) for the classes of one task (KeepLoRA+ head, spec §7)."""
+    """logits = tau cos(f, w_c) over the classes of one task; tau a number (fixed) or an nn.Parameter (learned)."""
 
-    def __init__(self, d: int, n: int, tau: float):
+    def __init__(self, d: int, n: int, tau: float | nn.Parameter):
         super().__init__()
         self.tau = tau
-        self.weight = nn.Parameter(torch.randn(n, d) / math.sqrt(d))  # overwritten by class means in begin_task
+        self.weight = nn.Parameter(torch.zeros(n, d))  # written by the method before training
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.tau * F.normalize(f, dim=-1) @ F.normalize(self.weight, dim=-1).T
+        return self.tau * F.linear(F.normalize(f, dim=-1), F.normalize(self.weight, dim=-1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,33 +238,14 @@ class CosineHead(nn.Module):
 
 
 class CLoRA(nn.Module):
-    def __init__(self, vit: ViT, num_classes: int, cfg: Config):
+    def __init__(self, vit: nn.Module, num_classes: int, cfg: Config):
         super().__init__()
-        d = vit.embed_dim
-        if not 1 <= cfg.rank <= d:
-            raise ValueError(f"rank must be between 1 and the width {d}, got {cfg.rank}")
-        if not cfg.targets or not set(cfg.targets) <= set("qkvo") or len(set(cfg.targets)) != len(cfg.targets):
-            raise ValueError(f"targets must be distinct letters among q, k, v, o, got '{cfg.targets}'")
-        for name, allowed in CHOICES.items():
-            if getattr(cfg, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got '{getattr(cfg, name)}'")
-        if not (cfg.lr > 0 and cfg.scale > 0 and cfg.head_scale > 0):
-            raise ValueError("lr, scale and head_scale must be positive")
-        if cfg.lambda_orth < 0 or cfg.r_delta_init_std < 0 or cfg.weight_decay < 0:
-            raise ValueError("lambda_orth, r_delta_init_std and weight_decay must be >= 0")
-        if not 0 < cfg.orth_energy <= 1:
-            raise ValueError(f"orth_energy must be in (0, 1], got {cfg.orth_energy}")
-        if cfg.epochs < 1 or cfg.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
-        if cfg.classifier_alignment and (cfg.ca_epochs < 1 or cfg.ca_samples < 1 or cfg.ca_lr <= 0
-                                         or min(cfg.ca_shrink, cfg.ca_logit_norm, cfg.ca_weight_decay) < 0):
-            raise ValueError("classifier alignment needs ca_epochs, ca_samples >= 1, ca_lr > 0 and "
-                             "ca_shrink, ca_logit_norm, ca_weight_decay >= 0")
+        validate(cfg)
         self.cfg = cfg
         self.vit = vit
-        self.num_classes = num_classes
         for p in vit.parameters():
             p.requires_grad_(False)
+        d = vit.embed_dim
         r, s, sg = cfg.rank, cfg.scale, cfg.old_route_stopgrad
         if set(cfg.targets) & set("qkv"):
             attach(vit, "qkv_adapter", lambda i, attn: QKVAdapter(d, r, s, cfg.targets, sg))
@@ -236,12 +253,14 @@ class CLoRA(nn.Module):
             attach(vit, "out_adapter", lambda i, attn: LoRASite(d, d, r, s, sg))
         self.heads = nn.ModuleList()
         self.offsets: list[int] = [0]  # K_t for every grown task, then C_t
-        if cfg.classifier_alignment:  # class statistics, frozen at their task (fixed shapes for resume)
+        if cfg.ca:  # class statistics of the alignment, frozen at their task (fixed shapes for resume)
             self.register_buffer("ca_mean", torch.zeros(num_classes, d, dtype=torch.float64))
             self.register_buffer("ca_cov", torch.zeros(num_classes, d, d))
+        self.register_load_state_dict_post_hook(CLoRA._drop_eval_cache)
 
     # -- contract --------------------------------------------------------------------------------
     def grow(self, t: int, classes: list[int]) -> None:
+        self._drop_eval_cache()
         assert t == len(self.heads) and classes[0] == self.offsets[-1], "tasks must grow in order"
         d, device = self.vit.embed_dim, self.vit.cls_token.device
         head = CosineHead(d, len(classes), self.cfg.head_scale) if self.cfg.head == "cosine_proto" \
@@ -253,12 +272,13 @@ class CLoRA(nn.Module):
 
     @torch.no_grad()
     def begin_task(self, t: int, classes: list[int], data) -> None:
+        self._drop_eval_cache()
         for site in self.sites():
             site.R_delta.zero_()
             if self.cfg.r_delta_init_std > 0:
                 site.R_delta.normal_(0.0, self.cfg.r_delta_init_std)
             site.set_old_basis(self.cfg.orth_mode, self.cfg.orth_energy)
-        if self.cfg.head == "cosine_proto":  # prototype init with the current backbone (spec §6)
+        if self.cfg.head == "cosine_proto":  # prototype init with the current backbone
             self.heads[t].weight.copy_(F.normalize(class_means(self.vit, data.plain, classes), dim=1))
 
     def optimizer(self, steps_per_epoch: int):
@@ -270,29 +290,45 @@ class CLoRA(nn.Module):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         K_t = self.offsets[-2]
-        ce = F.cross_entropy(self.head_logits(self.heads[-1], self.vit(x)), y - K_t)  # task-local CE
+        ce = F.cross_entropy(self.head_logits(self.heads[-1], features(self.vit, x)), y - K_t)  # task-local CE
         if self.cfg.lambda_orth == 0:
             return ce
         return ce + self.cfg.lambda_orth * self.orth_penalty()  # L = L_CE + lambda sum L_orth
 
     @torch.no_grad()
     def end_task(self, t: int, classes: list[int], data) -> None:
+        self._drop_eval_cache()
         for site in self.sites():
             site.consolidate()  # R_old <- R_old + R_delta; R_delta <- 0
         self.heads[t].requires_grad_(False)
-        if self.cfg.classifier_alignment:
+        if self.cfg.ca:
             mean, cov = class_statistics(self.vit, data.plain, classes)
             self.ca_mean[classes] = mean
             self.ca_cov[classes] = cov.float()
             if t >= 1:
-                with torch.enable_grad():
-                    self.align_heads(t)
+                self.align_heads(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.vit(x)
-        return torch.cat([self.head_logits(h, f) for h in self.heads], dim=1)
+        vit = self.vit if self.training else self._eval_vit()  # evaluation: the folded copy, one plain pass
+        return self.logits(features(vit, x))
 
     # -- helpers ---------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        self._drop_eval_cache()  # eval() comes here too: the copy is built once per evaluation
+        return super().train(mode)
+
+    def _drop_eval_cache(self, *_) -> None:
+        """Forget the folded copy (also the load_state_dict post hook, hence the ignored arguments)."""
+        self.__dict__.pop("_eval_cache", None)
+
+    def _eval_vit(self) -> nn.Module:
+        """`merged_vit()`, built on the first call after `train`/`eval`, `grow`, `begin_task`, `end_task` or a
+        load and cached outside the module tree (not in state_dict, parameters() or .to())."""
+        vit = self.__dict__.get("_eval_cache")
+        if vit is None:
+            vit = self.__dict__["_eval_cache"] = self.merged_vit()
+        return vit
+
     def sites(self) -> list[LoRASite]:
         """Every adapted matrix, in block order (q, k, v, then o)."""
         out = []
@@ -312,29 +348,31 @@ class CLoRA(nn.Module):
         with torch.autocast(f.device.type, enabled=False):  # the head in float32
             return head(f.float())
 
+    def logits(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.head_logits(h, f) for h in self.heads], dim=1)
+
+    @torch.enable_grad()
     def align_heads(self, t: int) -> None:
-        """SLCA-style classifier alignment (protocol.md §8) on Gaussian replay: only the heads h_0..h_t change."""
-        cfg, C, d, n = self.cfg, self.offsets[-1], self.vit.embed_dim, self.cfg.ca_samples
-        device = self.ca_mean.device
+        """Classifier alignment after task t (inflora_ca1.py L405-487): only the heads h_0..h_t change."""
+        cfg, C, device = self.cfg, self.offsets[-1], self.ca_mean.device
         sizes = [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])]
-        task_of = torch.arange(t + 1).repeat_interleave(torch.tensor(sizes))
-        gamma = 0.9 + 0.1 * (task_of + 1).double() / (t + 1)  # mean decay; the newest task gets 1
-        means = (gamma.to(device)[:, None] * self.ca_mean[:C]).float()
-        eye = torch.eye(d, dtype=torch.float64, device=device)
-        tril = torch.linalg.cholesky(self.ca_cov[:C].double() + cfg.ca_shrink * eye).float()  # Sigma_c + delta I
-        params = list(self.heads.parameters())
+        task_of = torch.arange(t + 1, device=device).repeat_interleave(torch.tensor(sizes, device=device))
+        means = (mean_decay(task_of, t)[:, None] * self.ca_mean[:C]).float()
+        eye = torch.eye(self.ca_cov.shape[-1], dtype=torch.float64, device=device)
+        trils = torch.linalg.cholesky(self.ca_cov[:C].double() + cfg.ca_shrink * eye).float()
+        params = [p for h in self.heads for p in h.parameters()]
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.SGD(params, lr=cfg.ca_lr, momentum=0.9, weight_decay=cfg.ca_weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.ca_epochs)
-        with torch.autocast(device.type, enabled=False):
+        n = cfg.ca_samples
+        with torch.autocast(device_type=device.type, enabled=False):
             for _ in range(cfg.ca_epochs):
-                feats = (means[:, None, :] + torch.randn(C, n, d, device=device) @ tril.transpose(1, 2)).reshape(-1, d)
-                labels = torch.arange(C, device=device).repeat_interleave(n)
-                perm = torch.randperm(C * n).to(device)
+                feats, labels = gaussian_replay(means, trils, n)
+                perm = torch.randperm(len(labels)).to(device)
                 feats, labels = feats[perm], labels[perm]
                 for i in range(C):  # |C_<=t| batches of n samples per epoch
-                    z = torch.cat([h(feats[i * n:(i + 1) * n]) for h in self.heads], dim=1)
+                    z = self.logits(feats[i * n:(i + 1) * n])
                     if cfg.ca_logit_norm > 0:
                         z = task_normalised(z, sizes, cfg.ca_logit_norm)
                     loss = F.cross_entropy(z, labels[i * n:(i + 1) * n])
@@ -347,11 +385,11 @@ class CLoRA(nn.Module):
             p.grad = None
 
     @torch.no_grad()
-    def merged_vit(self) -> ViT:
-        """A copy of the backbone with W0 + s A (R_old + R_delta) B written into its weights and no adapters.
+    def merged_vit(self) -> nn.Module:
+        """A copy of the backbone with W0 + s B (R_old + R_delta) A written into its weights and no adapters.
 
-        For deployment: the same function as the adapted backbone in one plain pass. A and B keep training,
-        so the method itself never merges.
+        The same function as the adapted backbone in one plain pass; evaluation runs it (`_eval_vit`).
+        A and B keep training, so the method never merges in place.
         """
         vit = copy.deepcopy(self.vit)
         d = vit.embed_dim
@@ -393,14 +431,14 @@ def cosine(total: int):
 
 @torch.no_grad()
 def class_means(encoder: nn.Module, loader, classes: list[int]) -> torch.Tensor:
-    """Mean feature of every class in `classes` (rows in that order) over one pass of `loader`."""
+    """Mean feature f(x) of every class in `classes` (rows in that order) over one pass of `loader`."""
     lo = classes[0]
     sums, counts = None, torch.zeros(len(classes), dtype=torch.float64)
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
     for x, y in loader:
-        f = encoder(x.to(device)).double().cpu()
+        f = features(encoder, x.to(device)).double().cpu()
         if sums is None:
             sums = torch.zeros(len(classes), f.shape[1], dtype=torch.float64)
         sums.index_add_(0, y - lo, f)
@@ -411,29 +449,45 @@ def class_means(encoder: nn.Module, loader, classes: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def class_statistics(encoder: nn.Module, loader, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased covariance (float64) of f(x) for every class of `classes`, in order."""
-    was_training = encoder.training
-    encoder.eval()
-    device = next(encoder.parameters()).device
+def class_statistics(vit: nn.Module, loader, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance (float64) of f(x) for every class of `classes`, in that order
+    (inflora_ca1.py L541-559; the 1e-4 I it adds there is added at sampling time here)."""
+    was_training = vit.training
+    vit.eval()
+    device = next(vit.parameters()).device
     feats, ys = [], []
-    with torch.autocast(device.type, enabled=False):
+    with torch.autocast(device_type=device.type, enabled=False):
         for x, y in loader:
-            feats.append(encoder(x.to(device)).double())
+            feats.append(features(vit, x.to(device)).double())
             ys.append(y.to(device))
-    encoder.train(was_training)
+    vit.train(was_training)
     feats, ys = torch.cat(feats), torch.cat(ys)
     means, covs = [], []
     for c in classes:
         f = feats[ys == c]
-        assert len(f) > 0, f"class {c} has no training image"
+        if len(f) == 0:
+            raise ValueError(f"class {c} has no training image: cannot compute its statistics")
         mu = f.mean(0)
         means.append(mu)
-        covs.append((f - mu).T @ (f - mu) / max(len(f) - 1, 1))
+        covs.append((f - mu).T @ (f - mu) / max(len(f) - 1, 1))  # one image: zero, the shrinkage keeps it PD
     return torch.stack(means), torch.stack(covs)
 
 
+def mean_decay(task_of: torch.Tensor, t: int) -> torch.Tensor:
+    """gamma_c = 0.9 + 0.1 (t_c + 1) / (t + 1) for a class introduced by task t_c (inflora_ca1.py L431-433)."""
+    return 0.9 + 0.1 * (task_of + 1).double() / (t + 1)
+
+
+def gaussian_replay(means: torch.Tensor, trils: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n samples per class c from N(means[c], trils[c] trils[c]^T) with torch's global generator, and their
+    labels c: (C * n, d), (C * n,), class by class (inflora_ca1.py L430-443)."""
+    C, d = means.shape
+    z = torch.randn(C, n, d, device=means.device, dtype=means.dtype)
+    x = means[:, None, :] + z @ trils.transpose(1, 2)
+    return x.reshape(C * n, d), torch.arange(C, device=means.device).repeat_interleave(n)
+
+
 def task_normalised(z: torch.Tensor, sizes: list[int], tau: float) -> torch.Tensor:
-    """z / (tau * mean_s ||z_{C_s}||_2): the per-task logit normalisation of SLCA / InfLoRA-CA."""
+    """z / (tau * mean_s ||z_{C_s}||_2), s over the tasks of sizes `sizes` (inflora_ca1.py L459-472)."""
     norms = torch.stack([b.norm(dim=1) + 1e-7 for b in z.split(sizes, dim=1)], dim=1).mean(1, keepdim=True)
     return z / norms / tau

@@ -2,55 +2,75 @@
 
 Paper: He, Duan, Zhu, "CL-LoRA: Continual Low-Rank Adaptation for Rehearsal-Free Class-Incremental
 Learning", CVPR 2025, arXiv 2505.24816.
-Official code: JiangpengHe/CL-LoRA @ df4e74e (a LAMDA-PILOT / EASE fork). Spec: ../shared/specs/cl_lora.md.
-The official source is not in this project's search index; the gaps of the spec (epsilon of L_orth,
-the reassignment formula) were checked against RL-VIG/LibContinual @ 498c43a `core/model/cl_lora.py`,
-a port of the official code. Deviations from the paper and the official code are listed below the equations.
+Official code: JiangpengHe/CL-LoRA @ df4e74e (a LAMDA-PILOT / EASE fork). "cllora.py L<n>" below is
+`models/cllora.py` line n at that commit, "vit L<n>" `backbone/vit_cllora.py`, "inc_net L<n>" `utils/inc_net.py`,
+"linears L<n>" `backbone/linears.py`, "cifar.json L<n>" `exps/cifar.json`.
 
-Implements (Dn = down r x d, Up = up d x r; l = split = depth // 2: 6 of 12 for ViT-B, 3 of 6 for vit_small32;
-t is 0-indexed, K_t classes before task t; spec §3-§10):
-    shared, block < l:   q += Up_s Dn_s u,  v likewise              Dn_s frozen orthonormal, Up_s = 0 at start,
-                                                                    Up_s trained in every task
-    specific, block >= l, branch i:  q += U_i[q, b] Up_i Dn_i u,  v with row v      (b = block - l)
-    orthonormal Dn: QR of U[0,1)^(d x r), Dn = Q^T (code) or Dn = U V_r^T from the SVD of N(0,1)^(r x d) (Eq. 7)
-    h(z) = sigma cos(z, w_c): a fresh local cosine classifier per task, w_c ~ U(+-1/sqrt d), sigma = 1
+Implements (A = down r x d, B = up d x r, delta W = B A; the official `lora_B` is our A and its `lora_A` our B,
+vit L38-39; l = split = depth // 2: 6 of 12 for ViT-B, 3 of 6 for vit_small32; t is 0-indexed, K_t classes
+before task t):
+    shared, block < l:   q += B_s A_s u,  v likewise                A_s frozen orthonormal, B_s = 0 at start,
+                                                                    B_s trained in every task (vit L710-718,
+                                                                    L346-351)
+    specific, block >= l, branch i:  q += U_i[q, b] B_i A_i u,  v with row v (b = block - l; vit L103-111)
+    orthonormal A: QR of U[0,1)^(d x r), A = Q^T (vit L41-45) or A = U V_r^T from the SVD of N(0,1)^(r x d) (Eq. 7)
+    h(z) = sigma cos(z, w_c): a fresh local cosine classifier per task, w_c ~ U(+-1/sqrt d), sigma = 1, learned
+           (inc_net L1107-1109, linears L265-298)
     L_ce   = CE(h^t(f_t(x)), y - K_t),   f_i(x) = norm(blocks l..L-1 of branch i on s(x))[CLS],
-             s(x) = blocks 0..l-1 with the shared adapters
-    L_kd   = lambda1 (-1/B) sum_b sum_c p^T_c log p^S_c,  p = softmax(h^t(e(x)) / tau),
-             e(x) = norm(s(x))[CLS] (early exit), teacher e_T with the shared Up of the end of task t-1
-    w_j    = d n_j / sum_j' n_j',  n_j = ||P[j, :]||, P = teacher Up; KD gradient of Up_s <- diag(w) grad (Eq. 10)
-    L_orth = (1/t) sum_{i<t} |<vec U_t / ||U_t||, vec U_i / ||U_i||>|   (code's normalised form of Eq. 12)
-    L      = L_ce + L_kd (reassigned) + lambda2 L_orth                   (Eq. 13; t = 0: L_ce only)
+             s(x) = blocks 0..l-1 with the shared adapters (cllora.py L344-355, vit L377-418)
+    L_kd   = lambda1 (-1/B) sum_b sum_c p^T_c log p^S_c,  p = softmax(h^t(e(x)) / tau)  (cllora.py L17-20, L357-364),
+             e(x) = norm(s(x))[CLS] (early exit, vit L574-602), teacher e_T with the shared B of the end of task t-1,
+             the same h^t for both (inc_net L1151-1154)
+    w_j    = d n_j / sum_j' n_j',  n_j = ||P[j, :]||, P = teacher B; KD gradient of B_s <- diag(w) grad
+             (Eq. 10; cllora.py L370-376)
+    L_orth = (1/t) sum_{i<t} |<vec U_t / (||U_t|| + eps), vec U_i / (||U_i|| + eps)>|, eps = 1e-8
+             (the code's normalised form of Eq. 12; cllora.py L23-42, L378-380)
+    update (t >= 1), `kd_update = two_step` (cllora.py L366-385): step 1 on the reassigned grad of L_kd,
+             then step 2 on grad (L_ce + lambda2 L_orth); `joint`: one step on the sum (Eq. 13). t = 0: L_ce only
     p_c    = mean of f_t(x) over the training images of class c (test transforms), computed once after task t
-    logit_c(x) = cos(f_i(x), p_c) for c in task i: the shared trunk runs once, then one branch per task
+             (cllora.py L94-134, L248, L258)
+    logit_c(x) = cos(f_i(x), p_c) for c in task i (linears L301-325; the inference sigma stays 1): the shared
+             trunk runs once, then the task branches batched along the batch dimension (Deviations)
 
-The distillation-gradient reassignment in one backward. The official code takes TWO optimiser steps per
-batch: backward of L_kd, reassign the shared Up gradient, step; then backward of L_ce + lambda2 L_orth
-through the graph of before the first step, step again (it fails on torch >= 2.1, CL-LoRA #1/#4; spec §6,
-C1). train.py owns one backward and one step, so this file implements the spec's option (b) `kd_update =
-joint`: one step on grad L_ce + diag(w) grad L_kd + lambda2 grad L_orth, computed in one backward. The KD
-student runs its own pass of the shared blocks in which every shared Up enters through `ReassignGrad`
-(identity forward, rows of the incoming gradient scaled by w backward); the CE path runs the shared blocks
-with the plain Up. Both passes use the same weights, so only the KD part of the gradient that reaches the
-shared Up is reassigned, while the classifier's KD gradient and every CE gradient are untouched. The
-official code also forwards the shared blocks separately for KD, so the compute is the same.
+The two-step update goes through the contract's generator form of `loss`: it yields the KD loss, the caller
+steps, and the second loss comes from a fresh forward at the new weights. The KD student runs its own pass of
+the shared blocks in which every shared B enters through `ReassignGrad` (identity forward, rows of the incoming
+gradient scaled by w backward), so only the KD gradient that reaches the shared B is reassigned; the
+classifier's KD gradient and every CE gradient are untouched. `joint` computes CE and KD in one backward with
+the same two passes (the official code also forwards the shared blocks separately for KD, vit L574-602).
 
-Defaults: rank 10, split at half the depth, q and v (paper, Table 3 and Fig. 3); orth_init qr_uniform,
-lambda1 = 5, tau = 2, lambda2 = 1e-4, teacher logits not detached (official code); SGD momentum 0.9,
-lr 0.03, weight decay 1e-4, batch 64, 30 epochs, cosine to 0 per epoch (official `exps/cifar.json`).
+Defaults: rank 10, split at half the depth, q and v (paper, Table 3 and Fig. 3; cifar.json L40-42);
+orth_init qr_uniform, lambda1 = 5, tau = 2, lambda2 = 1e-4, teacher logits not detached (cllora.py L358-364,
+L380); SGD momentum 0.9 (cllora.py L282-287), lr 0.03, weight decay 1e-4, batch 64, 30 epochs, cosine to 0
+stepped per epoch (cifar.json L15-23; cllora.py L305, L392-393), two optimiser steps per batch.
 The reassignment weights are normalised with the backbone's width d (768 for ViT-B, 192 for vit_small32).
 
 Deviations:
-- One optimiser step per batch (spec §6 option b, `joint`) instead of the official two (option a is the spec's
-  parity default); see above. Weight decay and momentum act once per batch, and CE and KD gradients are taken
-  at the same weights.
-- Rank 10 (the paper's value) although the official CIFAR config uses 8 (`--rank 8` for parity).
-- The block weights U_t (3 x (L - l), rows q, k, v) are stored as one 3-vector per specific block
-  (`mu`); the values, the init U(0.5, 1.5) and L_orth over all 3 (L - l) entries are the code's.
-- If every row of the teacher Up is zero, the reassignment weights are 1 (the official formula divides by 0).
-- From the official code, as the spec recommends: only the last teacher is kept (C9); only the prototypes of
-  each task's own branch are stored; the off-diagonal prototype blocks and EASE leftovers are skipped (C8);
-  the local classifier of a finished task is dropped (it is never used for inference).
+- `two_step` takes the gradient of step 2 from a fresh forward after step 1. The official code computes L_ce
+  before step 1 (cllora.py L351-355) and back-propagates through that pre-step graph after it (L383-384);
+  torch >= 2.1 rejects this ("modified by an inplace operation", CL-LoRA issues #1 and #4; the official README
+  pins torch 2.0.1, where that backward mixes pre-step activations with post-step weights). As there, the
+  gradients are set to None before each step (torch 2.0's zero_grad default), so step 1 moves only the
+  shared B and h^t: the parameters without a KD gradient get no momentum or weight-decay step from it.
+- Rank 10 (the paper's value) although the official CIFAR config uses 8 (cifar.json L27; `--rank 8` for parity).
+- The block weights U_t (3 x (L - l), rows q, k, v) are stored as one 3-vector per specific block (`mu`);
+  the values, the init U(0.5, 1.5) and L_orth over all 3 (L - l) entries are the code's (vit L208-211).
+- If every row of the teacher B is zero, the reassignment weights are 1 (the official formula divides by 0).
+- Only the last teacher is kept (the code keeps one per task, vit L372-373); only the prototypes of each task's
+  own branch are stored; the off-diagonal prototype blocks (cllora.py L105-133) and the EASE leftovers
+  (`replace_fc_proxy`, `solve_similarity`, `solve_sim_reset`, cllora.py L88-92, L136-232) are skipped: the
+  forward never reads them (linears L301-325).
+  The local classifier of a finished task is dropped (never used for inference).
+- Evaluation runs the shared blocks 0..l-1 once and the t + 1 branches together: the trunk output repeated
+  t + 1 times along the batch goes once through each block l..L-1, slice i with its own B_i A_i and U_i
+  (batched matmuls with the stacked (t+1, 2r, d) A of q and v and (t+1, d, r) U_i[m, b] B_i;
+  `SpecificLoRA.stacked`), then each slice's prototype logits. The official evaluation (`test=True`:
+  cllora.py L414, L433; inc_net L1162-1163; vit L487-501) runs one full pass of all L blocks per task, the
+  shared blocks included (vit L420-485: the finished tasks' branches L437-463, the current task's L465-483).
+  The logits are the same up to float rounding. `--eval-images` (default 1024) caps the rows of a pass:
+  groups of k = max(1, 1024 // B) branches, ceil((t+1)/k) passes, so the activation memory of an evaluation
+  batch does not grow with t (0: all branches in one pass). Training runs one branch, as the official code
+  does (vit L377-418).
 
 Run: python train.py --method cl_lora --tasks 10
 """
@@ -63,7 +83,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import ViT, attach
+from backbone import attach, embed, features
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -72,11 +92,13 @@ from backbone import ViT, attach
 @dataclass(frozen=True)
 class Config:
     rank: int = 10
-    """LoRA rank r of the shared and the task-specific adapters (paper: 10; official CIFAR config: 8)"""
+    """LoRA rank r of the shared and the task-specific adapters (paper Table 3: 10; official CIFAR config: 8)"""
     split: int = 0
     """number l of blocks with the task-shared adapter; 0 = half the depth (6 for ViT-B, 3 for vit_small32)"""
     orth_init: str = "qr_uniform"
     """orthonormal down-projections: 'qr_uniform' (official code) or 'svd_gaussian' (paper Eq. 7)"""
+    kd_update: str = "two_step"
+    """'two_step': an optimiser step on the KD loss, then one on CE + L_orth (official); 'joint': one on the sum"""
     lambda_kd: float = 5.0
     """weight lambda1 of the early-exit distillation loss (official code)"""
     temperature: float = 2.0
@@ -95,36 +117,63 @@ class Config:
     """epochs per task (official cifar.json)"""
     batch_size: int = 64
     """training batch size (official cifar.json)"""
+    eval_images: int = 1024
+    """images per evaluation pass of the task branches: max(1, this // batch) branches run batched; 0 = all"""
 
 
-CHOICES = {"orth_init": ("qr_uniform", "svd_gaussian")}
-TARGETS = "qv"  # adapted slices of the fused qkv (official `msa` = [1, 0, 1])
+CHOICES = {"orth_init": ("qr_uniform", "svd_gaussian"), "kd_update": ("two_step", "joint")}
+TARGETS = "qv"  # adapted slices of the fused qkv (official `msa` = [1, 0, 1], cifar.json L40)
 ROW = {"q": 0, "k": 1, "v": 2}  # rows of the block weights U
 
+
+def validate(cfg: Config, vit: nn.Module | None = None) -> None:
+    """Raise ValueError for a Config that cannot run; with `vit`, also check the bounds its shape sets."""
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
+                             f"(got {getattr(cfg, name)!r})")
+    for name, ok, rule in (("rank", cfg.rank >= 1, ">= 1"), ("split", cfg.split >= 0, ">= 0"),
+                           ("lambda_kd", cfg.lambda_kd >= 0, ">= 0"), ("temperature", cfg.temperature > 0, "> 0"),
+                           ("lambda_orth", cfg.lambda_orth >= 0, ">= 0"), ("lr", cfg.lr > 0, "> 0"),
+                           ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"),
+                           ("weight_decay", cfg.weight_decay >= 0, ">= 0"), ("epochs", cfg.epochs >= 0, ">= 0"),
+                           ("batch_size", cfg.batch_size >= 1, ">= 1"),
+                           ("eval_images", cfg.eval_images >= 0, ">= 0")):
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {rule} (got {getattr(cfg, name)})")
+    if vit is not None:
+        d, depth = vit.embed_dim, len(vit.blocks)
+        if cfg.rank > d:
+            raise ValueError(f"--rank must be <= {d}, the width (got {cfg.rank})")
+        if not 1 <= (cfg.split or depth // 2) < depth:
+            raise ValueError(f"--split must be in [1, {depth - 1}] for a depth-{depth} backbone, or 0 "
+                             f"(got {cfg.split})")
+
+
 # ----------------------------------------------------------------------------------------------------
-# LoRA
+# Adapters
 
 
 class LoRA(nn.Module):
-    """Up_m Dn_m u for m in q, v: Dn (r x d) with orthonormal rows, Up (d x r) zero."""
+    """B_m A_m u for m in q, v: A (r x d) with orthonormal rows, B (d x r) zero (vit L23-63)."""
 
     def __init__(self, d: int, rank: int, orth_init: str):
         super().__init__()
-        self.Dn = nn.ParameterDict({m: nn.Parameter(orthonormal_rows(rank, d, orth_init)) for m in TARGETS})
-        self.Up = nn.ParameterDict({m: nn.Parameter(torch.zeros(d, rank)) for m in TARGETS})
+        self.A = nn.ParameterDict({m: nn.Parameter(orthonormal_rows(rank, d, orth_init)) for m in TARGETS})
+        self.B = nn.ParameterDict({m: nn.Parameter(torch.zeros(d, rank)) for m in TARGETS})
 
 
 class SharedLoRA(nn.Module):
-    """The task-shared adapter of one block < l, plus the teacher's Up (the shared Up of the previous task).
+    """The task-shared adapter of one block < l, plus the teacher's B (the shared B of the previous task).
 
-    `source` picks the Up of the forward: 'student' (Up), 'kd' (Up whose gradient is reassigned, Eq. 10)
+    `source` picks the B of the forward: 'student' (B), 'kd' (B whose gradient is reassigned, Eq. 10)
     or 'teacher'. The method sets it around each pass of the shared blocks.
     """
 
     def __init__(self, d: int, rank: int, orth_init: str):
         super().__init__()
         self.lora = LoRA(d, rank, orth_init)
-        self.lora.Dn.requires_grad_(False)  # frozen forever
+        self.lora.A.requires_grad_(False)  # frozen forever (vit L710-718, L346-351)
         for m in TARGETS:
             self.register_buffer(f"teacher_{m}", torch.zeros(d, rank))
         self.source = "student"
@@ -135,19 +184,20 @@ class SharedLoRA(nn.Module):
     def forward(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         for m in TARGETS:
-            up = self.lora.Up[m]
+            up = self.lora.B[m]
             if self.source == "kd":
                 up = ReassignGrad.apply(up, reassign_weights(self.teacher(m)))  # Eq. 10, KD pass only
             elif self.source == "teacher":
                 up = self.teacher(m)
-            out[m] = F.linear(F.linear(u, self.lora.Dn[m]), up)  # shared: q += Up_s Dn_s u
+            out[m] = F.linear(F.linear(u, self.lora.A[m]), up)  # shared: q += B_s A_s u
         return out
 
 
 class SpecificLoRA(nn.Module):
     """The task-specific adapters of one block >= l: one LoRA and one block-weight 3-vector (q, k, v) per task.
 
-    `active` is the branch of the forward (-1: none).
+    `active` is the branch of the forward (-1: none), or a range of branches whose inputs are stacked along the
+    batch: u = (n B, N, d), slice k (rows k B .. (k+1) B - 1) through branch active[k].
     """
 
     def __init__(self):
@@ -158,27 +208,42 @@ class SpecificLoRA(nn.Module):
 
     def forward(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         i = self.active
+        if isinstance(i, range):
+            return self.stacked(u, i)
         if i < 0:
             return {}
         lora = self.branches[i]
-        return {m: self.mu[i][ROW[m]] * F.linear(F.linear(u, lora.Dn[m]), lora.Up[m])  # q += U_i[q,b] Up_i Dn_i u
+        return {m: self.mu[i][ROW[m]] * F.linear(F.linear(u, lora.A[m]), lora.B[m])  # q += U_i[q,b] B_i A_i u
                 for m in TARGETS}
+
+    def stacked(self, u: torch.Tensor, idx: range) -> dict[str, torch.Tensor]:
+        """Every branch i of idx on its own slice of u in batched products: one down-projection of the stacked
+        (n, |TARGETS| r, d) A of q and v, then per target one up-projection by the stacked (n, d, r) U_i[m, b] B_i."""
+        shape, n = u.shape, len(idx)
+        u = u.reshape(n, -1, shape[-1])  # (n, B N, d): slice k belongs to branch idx[k]
+        A = torch.cat([torch.stack([self.branches[i].A[m] for i in idx]) for m in TARGETS], dim=1)
+        z = (u @ A.mT).split(A.shape[1] // len(TARGETS), dim=-1)  # A_i u for q, then v: (n, B N, r) each
+        out = {}
+        for m, zm in zip(TARGETS, z):
+            B = torch.stack([self.mu[i][ROW[m]] * self.branches[i].B[m] for i in idx])  # (n, d, r)
+            out[m] = (zm @ B.mT).reshape(shape)  # U_i[m, b] B_i A_i u on slice i
+        return out
 
 
 class CosineHead(nn.Module):
-    """The local classifier h(z) = sigma cos(z, w_c) of one task (PILOT CosineLinear)."""
+    """logits = tau cos(f, w_c) over the classes of one task; tau a number (fixed) or an nn.Parameter (learned)."""
 
-    def __init__(self, d: int, n: int):
+    def __init__(self, d: int, n: int, tau: float | nn.Parameter):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(n, d).uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d)))
-        self.sigma = nn.Parameter(torch.ones(1))
+        self.tau = tau
+        self.weight = nn.Parameter(torch.zeros(n, d))  # written by the method before training
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.sigma * F.linear(F.normalize(z, dim=1), F.normalize(self.weight, dim=1))
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.tau * F.linear(F.normalize(f, dim=-1), F.normalize(self.weight, dim=-1))
 
 
 class ReassignGrad(torch.autograd.Function):
-    """Identity on Up (d x r); the backward multiplies row j of the incoming gradient by w_j (Eq. 10)."""
+    """Identity on B (d x r); the backward multiplies row j of the incoming gradient by w_j (Eq. 10)."""
 
     @staticmethod
     def forward(ctx, up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -196,28 +261,12 @@ class ReassignGrad(torch.autograd.Function):
 
 
 class CLLoRA(nn.Module):
-    def __init__(self, vit: ViT, num_classes: int, cfg: Config):
+    def __init__(self, vit: nn.Module, num_classes: int, cfg: Config):
         super().__init__()
-        d, depth = vit.embed_dim, len(vit.blocks)
-        l = cfg.split or depth // 2
-        if not 1 <= cfg.rank <= d:
-            raise ValueError(f"--rank must be in [1, {d}] (the width) (got {cfg.rank})")
-        if not 1 <= l < depth:
-            raise ValueError(f"--split must be in [1, {depth - 1}] for a depth-{depth} backbone, or 0 "
-                             f"(got {cfg.split})")
-        if cfg.orth_init not in CHOICES["orth_init"]:
-            raise ValueError(f"--orth-init must be one of {CHOICES['orth_init']} (got {cfg.orth_init!r})")
-        if not cfg.lr > 0 or cfg.weight_decay < 0 or not 0 <= cfg.momentum < 1:
-            raise ValueError(f"need --lr > 0, --weight-decay >= 0, 0 <= --momentum < 1 (got {cfg.lr}, "
-                             f"{cfg.weight_decay}, {cfg.momentum})")
-        if not cfg.temperature > 0 or cfg.lambda_kd < 0 or cfg.lambda_orth < 0:
-            raise ValueError(f"need --temperature > 0, --lambda-kd >= 0, --lambda-orth >= 0 (got "
-                             f"{cfg.temperature}, {cfg.lambda_kd}, {cfg.lambda_orth})")
-        if cfg.epochs < 0 or cfg.batch_size < 1:
-            raise ValueError(f"need --epochs >= 0 and --batch-size >= 1 (got {cfg.epochs}, {cfg.batch_size})")
+        validate(cfg, vit)
+        d, l = vit.embed_dim, cfg.split or len(vit.blocks) // 2
         self.cfg = cfg
         self.vit = vit
-        self.num_classes = num_classes
         self.l = l
         for p in vit.parameters():
             p.requires_grad_(False)
@@ -225,32 +274,20 @@ class CLLoRA(nn.Module):
         self.head: CosineHead | None = None  # the local classifier of the current task
         self.offsets: list[int] = [0]  # K_t for every grown task, then C_t
 
-    # The adapters live in the backbone's slots only (listed here, not registered twice in the state dict).
-    @property
-    def shared(self) -> list[SharedLoRA]:
-        return [blk.attn.qkv_adapter for blk in self.vit.blocks[: self.l]]
-
-    @property
-    def specific(self) -> list[SpecificLoRA]:
-        return [blk.attn.qkv_adapter for blk in self.vit.blocks[self.l:]]
-
-    @property
-    def task(self) -> int:
-        return len(self.offsets) - 2
-
     # -- contract --------------------------------------------------------------------------------
     def grow(self, t: int, classes: list[int]) -> None:
         assert t == self.task + 1 and classes[0] == self.offsets[-1], "tasks must grow in order"
         d, device = self.vit.embed_dim, self.vit.cls_token.device
-        U = torch.empty(3, len(self.specific)).uniform_(0.5, 1.5)  # block weights U_t, rows q, k, v
+        U = torch.empty(3, len(self.specific)).uniform_(0.5, 1.5)  # block weights U_t, rows q, k, v (vit L366-367)
         for b, a in enumerate(self.specific):
-            a.branches.append(LoRA(d, self.cfg.rank, self.cfg.orth_init).to(device))  # orthonormal Dn_t, Up_t = 0
+            a.branches.append(LoRA(d, self.cfg.rank, self.cfg.orth_init).to(device))  # orthonormal A_t, B_t = 0
             a.mu.append(nn.Parameter(U[:, b].clone().to(device)))
-        self.head = CosineHead(d, len(classes)).to(device)
+        self.head = CosineHead(d, len(classes), nn.Parameter(torch.ones(1))).to(device)  # sigma = 1 (linears L283)
+        nn.init.uniform_(self.head.weight, -1 / math.sqrt(d), 1 / math.sqrt(d))  # linears L279-281
         self.register_buffer(f"protos_{t}", torch.zeros(len(classes), d, device=device))
         self.offsets.append(self.offsets[-1] + len(classes))
         for a in self.shared:
-            a.lora.Up.requires_grad_(True)  # the only parameters carried across tasks
+            a.lora.B.requires_grad_(True)  # the only parameters carried across tasks
         for a in self.specific:
             for i, (lora, mu) in enumerate(zip(a.branches, a.mu)):
                 lora.requires_grad_(i == t)
@@ -266,49 +303,79 @@ class CLLoRA(nn.Module):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, epoch_cosine(self.cfg.epochs, steps_per_epoch))
         return opt, sched
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return sum(self.loss_terms(x, y).values())
+    def loss(self, x: torch.Tensor, y: torch.Tensor):
+        """L_ce at t = 0 (one step, cllora.py L355, L383-385); from t = 1 a generator of the two step losses
+        (`two_step`, cllora.py L366-385) or one tensor, L_ce + L_kd (reassigned) + lambda2 L_orth (`joint`, Eq. 13)."""
+        if self.task == 0:
+            return self.ce_loss(x, y)
+        if self.cfg.kd_update == "joint":
+            return self.ce_loss(x, y) + self.kd_loss(x) + self.orth_term()
+        return self.two_steps(x, y)
 
     @torch.no_grad()
     def end_task(self, t: int, classes: list[int], data) -> None:
-        getattr(self, f"protos_{t}").copy_(self.class_means(data.plain, t, classes))
+        # the adapters are at rest (student B, branch t), so f(x) of the backbone is f_t(x)
+        getattr(self, f"protos_{t}").copy_(class_means(self.vit, data.plain, classes))
         for a in self.specific:
             a.branches[t].requires_grad_(False)
             a.mu[t].requires_grad_(False)
         self.head.requires_grad_(False)
         for a in self.shared:
             for m in TARGETS:
-                a.teacher(m).copy_(a.lora.Up[m])  # teacher T_t := the shared adapters at the end of task t
+                a.teacher(m).copy_(a.lora.B[m])  # teacher T_t := the shared adapters at the end of task t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.trunk(x)  # the shared blocks, once
-        return torch.cat([self.proto_logits(self.branch(s, i), i) for i in range(self.task + 1)], dim=1)
+        n = self.task + 1
+        k = max(1, self.cfg.eval_images // len(x)) if self.cfg.eval_images else n  # branches per pass
+        f = torch.cat([self.stacked_branches(s, range(lo, min(lo + k, n))) for lo in range(0, n, k)])  # (n, B, d)
+        return torch.cat([self.proto_logits(f[i], i) for i in range(n)], dim=1)
 
     # -- helpers ---------------------------------------------------------------------------------
-    def loss_terms(self, x: torch.Tensor, y: torch.Tensor, reassign: bool = True) -> dict[str, torch.Tensor]:
-        """The weighted loss terms of one batch; `reassign=False` leaves the KD gradient as it is (tests)."""
-        t, cfg = self.task, self.cfg
-        f = self.branch(self.trunk(x), t)
-        terms = {"ce": F.cross_entropy(self.head(f), y - self.offsets[t])}  # L_ce, local labels
-        if t == 0:
-            return terms
+    # The adapters live in the backbone's slots only (listed here, not registered twice in the state dict).
+    @property
+    def shared(self) -> list[SharedLoRA]:
+        return [blk.attn.qkv_adapter for blk in self.vit.blocks[: self.l]]
+
+    @property
+    def specific(self) -> list[SpecificLoRA]:
+        return [blk.attn.qkv_adapter for blk in self.vit.blocks[self.l:]]
+
+    @property
+    def task(self) -> int:
+        return len(self.offsets) - 2
+
+    def two_steps(self, x: torch.Tensor, y: torch.Tensor):
+        """The official update of one batch (cllora.py L366-385): the caller steps after each yield."""
+        yield self.kd_loss(x)  # step 1: the reassigned KD gradient
+        yield self.ce_loss(x, y) + self.orth_term()  # step 2: a fresh forward at the weights after step 1
+
+    def ce_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """L_ce on the local labels through branch t and the local classifier (cllora.py L344-355)."""
+        t = self.task
+        return F.cross_entropy(self.head(self.branch(self.trunk(x), t)), y - self.offsets[t])
+
+    def kd_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """lambda1 L_kd on the early exits, the student's shared-B gradient reassigned (cllora.py L357-376)."""
         with torch.no_grad():
             e_teacher = self.early_exit(self.trunk(x, "teacher"))
         z_teacher = self.head(e_teacher)  # not detached by default: h^t also learns from the teacher path
-        if cfg.detach_teacher:
+        if self.cfg.detach_teacher:
             z_teacher = z_teacher.detach()
-        z_student = self.head(self.early_exit(self.trunk(x, "kd" if reassign else "student")))
-        tau = cfg.temperature
-        terms["kd"] = cfg.lambda_kd * soft_cross_entropy(z_student / tau, z_teacher / tau)  # L_kd, no tau^2
-        old = [self.block_weights(i) for i in range(t)]
-        terms["orth"] = cfg.lambda_orth * orth_loss(self.block_weights(t), old)  # Eq. 12
-        return terms  # summed: Eq. 13
+        z_student = self.head(self.early_exit(self.trunk(x, "kd")))
+        tau = self.cfg.temperature
+        return self.cfg.lambda_kd * soft_cross_entropy(z_student / tau, z_teacher / tau)  # no tau^2
+
+    def orth_term(self) -> torch.Tensor:
+        """lambda2 L_orth of the current block weights against the earlier tasks' (Eq. 12; cllora.py L378-380)."""
+        t = self.task
+        return self.cfg.lambda_orth * orth_loss(self.block_weights(t), [self.block_weights(i) for i in range(t)])
 
     def trunk(self, x: torch.Tensor, source: str = "student") -> torch.Tensor:
-        """s(x): all tokens after the shared blocks 0..l-1, with the student's, the KD or the teacher's Up."""
+        """s(x): all tokens after the shared blocks 0..l-1, with the student's, the KD or the teacher's B."""
         for a in self.shared:
             a.source = source
-        h = self.vit.embed(x)
+        h = embed(self.vit, x)
         for blk in self.vit.blocks[: self.l]:
             h = blk(h)
         for a in self.shared:
@@ -316,7 +383,7 @@ class CLLoRA(nn.Module):
         return h
 
     def early_exit(self, s: torch.Tensor) -> torch.Tensor:
-        """e(x): the final norm on the CLS token of the shared trunk (spec C3)."""
+        """e(x): the final norm on the CLS token of the shared trunk (vit L590-591, L599-600)."""
         return self.vit.norm(s)[:, 0]
 
     def branch(self, s: torch.Tensor, i: int) -> torch.Tensor:
@@ -330,6 +397,19 @@ class CLLoRA(nn.Module):
             a.active = self.task
         return self.vit.norm(h)[:, 0]
 
+    def stacked_branches(self, s: torch.Tensor, idx: range) -> torch.Tensor:
+        """f_i(x) for every i in idx, (len(idx), B, d), in one pass of blocks l..L-1 on the trunk output
+        repeated along the batch (n B, N, d), each slice through its own branch; the same values as `branch`."""
+        n, B, N, d = len(idx), *s.shape
+        for a in self.specific:
+            a.active = idx
+        h = s.repeat(n, 1, 1)  # rows k B .. (k+1) B - 1: branch idx[k]
+        for blk in self.vit.blocks[self.l:]:
+            h = blk(h)
+        for a in self.specific:
+            a.active = self.task
+        return self.vit.norm(h)[:, 0].reshape(n, B, d)
+
     def proto_logits(self, f: torch.Tensor, i: int) -> torch.Tensor:
         """cos(f_i(x), p_c) for the classes c of task i (sigma = 1), in float32 even under autocast."""
         with torch.autocast(f.device.type, enabled=False):
@@ -339,22 +419,6 @@ class CLLoRA(nn.Module):
         """U_i, 3 x (L - l): rows q, k, v; column b = specific block l + b."""
         return torch.stack([a.mu[i] for a in self.specific], dim=1)
 
-    @torch.no_grad()
-    def class_means(self, loader, t: int, classes: list[int]) -> torch.Tensor:
-        """Mean branch-t feature of every class of task t (rows in class order), one pass of `loader`."""
-        was_training = self.training
-        self.eval()
-        lo, d = classes[0], self.vit.embed_dim
-        sums = torch.zeros(len(classes), d, dtype=torch.float64)
-        counts = torch.zeros(len(classes), dtype=torch.float64)
-        for x, y in loader:
-            f = self.branch(self.trunk(x.to(self.vit.cls_token.device)), t).double().cpu()
-            sums.index_add_(0, y - lo, f)
-            counts.index_add_(0, y - lo, torch.ones(len(y), dtype=torch.float64))
-        self.train(was_training)
-        assert (counts > 0).all(), "a class of the task has no training image"
-        return (sums / counts[:, None]).float()
-
 
 Method = CLLoRA
 
@@ -363,37 +427,40 @@ Method = CLLoRA
 
 
 def orthonormal_rows(r: int, d: int, mode: str) -> torch.Tensor:
-    """A random r x d matrix with orthonormal rows, drawn from the global RNG (spec §3)."""
+    """A random r x d matrix with orthonormal rows, drawn from the global RNG."""
     if mode == "qr_uniform":
         return qr_rows(torch.rand(d, r, dtype=torch.float64)).float()
     return polar_rows(torch.randn(r, d, dtype=torch.float64)).float()
 
 
 def qr_rows(M: torch.Tensor) -> torch.Tensor:
-    """Official init: reduced QR of M (d x r), Dn = Q^T."""
+    """Official init: reduced QR of M (d x r), A = Q^T (vit L41-45)."""
     return torch.linalg.qr(M, mode="reduced")[0].T.contiguous()
 
 
 def polar_rows(M: torch.Tensor) -> torch.Tensor:
-    """Paper init: M (r x d) = U S V^T, Dn = U V_r^T, the nearest matrix with orthonormal rows (Eq. 7)."""
+    """Paper init: M (r x d) = U S V^T, A = U V_r^T, the nearest matrix with orthonormal rows (Eq. 7)."""
     U, _, Vh = torch.linalg.svd(M, full_matrices=False)
     return U @ Vh
 
 
 def reassign_weights(P: torch.Tensor) -> torch.Tensor:
-    """w_j = d n_j / sum_j' n_j' with n_j the L2 norm of row j of the teacher Up P (d x r): mean 1 (Eq. 10)."""
+    """w_j = d n_j / sum_j' n_j' with n_j the L2 norm of row j of the teacher B, P (d x r): mean 1
+    (Eq. 10; cllora.py L374-375)."""
     n = P.norm(dim=1)
     total = n.sum()
     return torch.where(total > 0, P.shape[0] * n / total.clamp_min(torch.finfo(n.dtype).tiny), torch.ones_like(n))
 
 
 def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """-(1/B) sum_b sum_c softmax(teacher)_c log softmax(student)_c (inputs already divided by tau)."""
+    """-(1/B) sum_b sum_c softmax(teacher)_c log softmax(student)_c, inputs already divided by tau
+    (cllora.py L17-20)."""
     return -(F.softmax(teacher, dim=1) * F.log_softmax(student, dim=1)).sum(dim=1).mean()
 
 
 def orth_loss(U_t: torch.Tensor, olds: list[torch.Tensor], eps: float = 1e-8) -> torch.Tensor:
-    """(1/t) sum_i |<vec U_t / (||U_t|| + eps), vec U_i / (||U_i|| + eps)>| over the earlier tasks i (Eq. 12)."""
+    """(1/t) sum_i |<vec U_t / (||U_t|| + eps), vec U_i / (||U_i|| + eps)>| over the earlier tasks i
+    (Eq. 12 normalised as in cllora.py L23-42)."""
     if not olds:
         return U_t.new_zeros(())
     u = U_t.flatten() / (U_t.norm() + eps)
@@ -401,8 +468,27 @@ def orth_loss(U_t: torch.Tensor, olds: list[torch.Tensor], eps: float = 1e-8) ->
 
 
 def epoch_cosine(epochs: int, steps_per_epoch: int):
-    """CosineAnnealingLR(T_max = epochs, eta_min = 0) stepped per epoch, as a per-step multiplier."""
+    """CosineAnnealingLR(T_max = epochs, eta_min = 0) stepped per epoch (cllora.py L305, L392-393), per step."""
     def factor(step: int) -> float:
         e = step // max(steps_per_epoch, 1)
         return 0.5 * (1 + math.cos(math.pi * min(e, epochs) / max(epochs, 1)))
     return factor
+
+
+@torch.no_grad()
+def class_means(encoder: nn.Module, loader, classes: list[int]) -> torch.Tensor:
+    """Mean feature f(x) of every class in `classes` (rows in that order) over one pass of `loader`."""
+    lo = classes[0]
+    sums, counts = None, torch.zeros(len(classes), dtype=torch.float64)
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    for x, y in loader:
+        f = features(encoder, x.to(device)).double().cpu()
+        if sums is None:
+            sums = torch.zeros(len(classes), f.shape[1], dtype=torch.float64)
+        sums.index_add_(0, y - lo, f)
+        counts.index_add_(0, y - lo, torch.ones(len(y), dtype=torch.float64))
+    encoder.train(was_training)
+    assert (counts > 0).all(), "a class of the task has no training image"
+    return (sums / counts[:, None]).float()

@@ -1,58 +1,80 @@
 """InfLoRA: interference-free low-rank adaptation, with DualGPM memory and optional classifier alignment.
 
 Paper: Liang and Li, "InfLoRA: Interference-Free Low-Rank Adaptation for Continual Learning", CVPR 2024,
-arXiv 2404.00228. Official code: liangyanshuo/InfLoRA @ e08b00e (`methods/inflora.py`: design of A and
-`update_DualGPM`; `models/vit_inflora.py`: the per-layer input statistic; `methods/inflora_ca.py`,
-`inflora_ca1.py`: classifier alignment and plain `update_GPM`). Spec: ../shared/specs/baselines.md §4, §7,
-§8; classifier alignment: ../shared/specs/protocol.md §8 (preset `inflora_ca`).
+arXiv 2404.00228. Official code: liangyanshuo/InfLoRA @ e08b00e; line numbers below are at that commit
+(`methods/inflora.py` unless another file is named).
 
-Implements (notation of baselines.md: A = down (r x d), designed and frozen; B = up (d x r), trained. The
-paper swaps the names: its "B_t" is our A_t. The anchors (1)-(4) number the equations below and follow
-baselines.md §4.1, §4.3, §4.5; the paper's own equation numbers were not checked against its text):
-    W_m^(t) = W_m + sum_{s<=t} B_s^m A_s,  m in {k, v}, one A_s per block shared by k and v   # (1)
-    M_t = (1/n) sum_x x x^T over every token x of LN1's output on the task's training images  (§4.2)
-    M_hat = M_t (t = 0) | (I - P P^T) M_t ('remove') | Q Q^T M_t ('retain')                  # (2)
-    A_t = U_hat[:, :r]^T / sqrt(3),  M_hat = U_hat S_hat V_hat^T                             # (3)
-    train only B_t^k, B_t^v and head h_t with CE(h_t(f(x)), y - K_t); A_t and all s < t frozen
-    DualGPM after task t (§4.5): eps_t = lamb + (lame - lamb) t / T; energy of a singular value s of M is
-    s^(p/2) with p = energy_power (4: the code's s^2 = sigma(H)^4; 2: the paper's sigma(H)^2);
-    'remove' appends top directions of (I - P P^T) M until the captured fraction >= eps_t, 'retain' drops
-    top directions of Q Q^T M from Q while the residual fraction >= 1 - eps_t; a 'remove' basis wider than
-    d/2 is replaced by its complement ('retain').                                            # (4)
-    inference: sum of all branches, heads concatenated, argmax (no task id)
-    optional classifier alignment (--ca, SLCA style, protocol.md §8 preset `inflora_ca`) after task t >= 1:
-    class means/covariances of f(x) (test transforms) frozen at their task; 5 epochs of SGD 0.01 (momentum
-    0.9, wd 5e-4, cosine T_max 5) on all heads with 256 samples per class from N(gamma_c mu_c, Sigma_c +
-    1e-4 I), gamma_c = 0.9 + 0.1 (t_c + 1)/(t + 1); CE on z / (tau * mean per-task block norm), tau = 0.1.
-Defaults (official CIFAR-100 config `cifar100_inflora.json`): r = 10 on K and V of every block; Adam (0.9,
-0.999), lr 5e-4, wd 0, batch 128, 20 epochs, epoch-level cosine cos(99 pi e / (200 (E - 1)));
-lamb 0.95, lame 1.0; energy_power 4 (the code); memory 'auto' = DualGPM, or plain GPM with --ca (I7).
-T, the total task count of the schedule, is the Config field `total_tasks`; 0 (default) derives it as
-ceil(num_classes / |task 0|), exact for equal tasks and for a smaller remainder task last.
+Implements (A = down-projection r x d, designed and frozen; B = up-projection d x r, trained; the paper
+swaps the names: its B_t is our A_t):
+    W_m^(t) = W_m + sum_{s<=t} B_s^m A_s, m in {k, v}, one A_s per block shared by k and v
+        (models/vit_inflora.py L191-194, L246-247; A copied to k and v: L127-128, L154-155)
+    M_t = (1/n) sum_x x x^T over every token x of the attention input on the task's training images
+        (models/vit_inflora.py L237-238; collected before training: L116-119)
+    M_hat = M_t (t = 0) | (I - P P^T) M_t ('remove') | Q Q^T M_t ('retain')              (L144-152)
+    A_t = U_hat[:, :r]^T / sqrt(3),  M_hat = U_hat S_hat V_hat^T                         (L126-127, L153-154)
+    train only B_t^k, B_t^v and the head h_t (L93-108) with CE(h_t(f(x)), y - K_t) (L220-225)
+    after task t, M_t again with the trained branches (L188-197), then the memory update (L200):
+        DualGPM (`update_DualGPM`, L321-412) or plain GPM (`update_GPM`, L415-456);
+        eps_t = lamb + (lame - lamb) t / T (L322); the energy of a singular value s of M is s^(p/2) with
+        p = energy_power (4: the code's S**2 of M, i.e. sigma(H)^4, L330; 2: the paper's sigma(H)^2);
+        first task: k = #{cumulative energy < eps_0} (L332), 'remove' with U[:, :max(k, 1)] if k < d/2
+        (L333-335); 'remove' appends top directions of (I - P P^T) M until the captured fraction >= eps_t
+        (L341-368); 'retain' drops top directions of Q Q^T M from Q while the residual fraction >= 1 - eps_t
+        (L369-396); a 'remove' basis wider than d/2 is replaced by its complement, 'retain' (L401-408)
+    inference: every branch summed, every head concatenated, argmax, no task id (models/sinet_inflora.py
+        L122-133)
+    optional classifier alignment (--ca; methods/inflora_ca1.py, the class configs/cifar100_infloraca.json
+    names), after every task t >= 1 (inflora_ca1.py L101-103):
+        class mean mu_c and covariance Sigma_c of f(x) on the class's training images with test transforms,
+        frozen at their task (L541-559); 5 epochs (L409) of SGD lr 0.01, momentum 0.9, wd 5e-4, cosine
+        T_max 5 (L411-416) on every head; per epoch 256 samples per class (L428) from
+        N(gamma_c mu_c, Sigma_c + 1e-4 I) (L551, L436-438), gamma_c = 0.9 + 0.1 (t_c + 1)/(t + 1) (L431-433),
+        shuffled (L448-450) and cut into |C_<=t| batches of 256 (L453-455); CE on
+        z / (tau mean_s ||z_{C_s}||), tau = 0.1 (L51, L459-473). The alignment uses plain GPM (L221).
+Defaults (configs/cifar100_inflora.json): r = 10 on K and V of every block; Adam (0.9, 0.999), lr 5e-4,
+wd 0, batch 128, 20 epochs (L178-180); the epoch cosine eta_e = eta_0 cos(99 pi max(e - 1, 0) / (200 (E - 1)))
+for e = 0..E-1 (utils/schedulers.py L19-20, L53-54, stepped once per epoch at L238; see `inflora_cosine`);
+lamb 0.95, lame 1.0; energy_power 4 (the code); memory 'auto' = DualGPM, or plain GPM with --ca.
+T, the task count of the threshold schedule (the config's total_sessions, L50), is the Config field
+`total_tasks`; 0 (default) derives it as ceil(num_classes / |task 0|), exact for equal tasks and for a
+smaller remainder task last.
 
 Deviations:
-- First-task 'retain' branch stores the complement U[:, k:] (pitfall I3; the code stores U[:, :k]).
+- First-task 'retain' branch: the code stores U[:, :max(k, 1)], the old space, while marking it 'retain'
+  (L336-338), which the check of L409-410 then rejects; this file stores the complement U[:, k:].
 - Numerical hygiene: memory updates never take directions of M_hat with a (numerically) zero singular
   value (the code would only when eps_t >= 1), and the appended directions are re-orthogonalised against
-  the stored basis. Statistics and memory are float64 (the code: float32 statistic, numpy SVD).
+  the stored basis. Statistics and memory are float64 (the code: a float32 statistic, numpy SVD). The
+  numerical rank of M_hat is printed: where it is below r, the trailing rows of A_t are arbitrary.
 - energy_power = 2 uses the paper's sigma(H)^2 weighting on the singular values of the code's projected
   matrix (I - P P^T) M; this equals the GPM / paper criterion for the first task; for later tasks the
   paper's sigma((I - P P^T) H)^2 are the eigenvalues of (I - P P^T) M (I - P P^T), slightly different.
-- Heads are sized per task (I8). The K-means task keys of the code (unused at inference) are omitted.
-- Branches are summed one by one (sum_s B_s (A_s x)), not through the code's dense sum_s B_s A_s, so that
-  a new zero branch leaves outputs bit-identical; `merge()` folds them into W when wanted.
-- CA: Sigma_c is stored in float32 (sampled in float32 as the code does); the alignment runs only for
-  t >= 1, as in the code. inflora_ca.py turns the logit norm off on CIFAR-100, inflora_ca1.py (the CIFAR
-  config's class) keeps tau = 0.1: we follow protocol.md (tau = 0.1; --ca-logit-norm 0 turns it off).
-  Heads are kept after alignment (no restore). CA samples with torch's global generator (seeded by train.py).
-  --ca keeps InfLoRA's own training recipe; the official CIFAR CA config (`cifar100_infloraca.json`) also
-  changes it (SGD 1e-3, heads 1e-2, wd 1e-3, step decay at epoch 18, r = 5) and inflora_ca1.py replaces
-  the pretrained final LayerNorm by a fresh one on CIFAR; neither is reproduced.
+- Heads are sized per task (the code's heads all have init_cls rows, models/sinet_inflora.py L72-77),
+  which makes uneven splits work. The K-means task keys of the code (L84, L248-263; unused at inference)
+  are omitted.
+- Cost that does not grow with the tasks, the same function up to float rounding. The code forms the dense
+  sum_s B_s A_s of every branch in every forward, training and inference (models/vit_inflora.py L245-249).
+  Here evaluation runs a folded copy: `merged_vit()` writes sum_s B_s^m A_s into the qkv rows of a copy of
+  the ViT, built once per evaluation (`_eval_vit`): one plain backbone forward. In training, the frozen
+  branches s < t enter as one product (x A_cat^T) B_cat^T, A_cat the R x d concatenation of their A_s
+  (R = t r), or as one dense delta sum_s B_s A_s where that costs fewer multiply-adds per token
+  (R (1 + |targets|) >= |targets| d), rebuilt by `stack_frozen` at grow and load_state_dict; the current
+  branch t runs as B_t (A_t x). `merge()` folds every branch into W in place when wanted.
+- CA: gamma_c uses the task that introduced class c; the code takes c // |last task| (L431), the same for
+  equal tasks. Sigma_c is stored in float32 and its Cholesky factor of Sigma_c + 1e-4 I computed in
+  float64 (the code: MultivariateNormal in float32, L436). Samples come from torch's global generator
+  (seeded by train.py). inflora_ca.py turns the logit norm off on CIFAR-100 (inflora_ca.py L53-56);
+  inflora_ca1.py keeps tau = 0.1, which this file follows (--ca-logit-norm 0 turns it off). Heads are
+  kept after alignment. --ca keeps InfLoRA's own training recipe: the official CIFAR CA config also changes
+  it (SGD 1e-3, heads 1e-2, wd 1e-3, r = 5; MultiStepLR at epoch 18, inflora_ca1.py L195-197) and
+  inflora_ca1.py replaces the pretrained final LayerNorm by a fresh one on CIFAR (L54-56); neither is
+  reproduced.
 
 Run: python train.py --method inflora --tasks 10          (InfLoRA+CA: add --ca; InfLoRA-b5: --blocks 5)
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -60,7 +82,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import ViT, attach, qkv_rows
+from backbone import attach, features, qkv_rows
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -83,7 +105,7 @@ class Config:
     energy_power: int = 4
     """energy of the memory criterion in powers of sigma(H): 4 (official code) or 2 (paper, GPM)"""
     memory: str = "auto"
-    """'dualgpm' (inflora.py), 'gpm' (always 'remove'; inflora_ca.py) or 'auto' (gpm with --ca, else dualgpm)"""
+    """'dualgpm' (inflora.py), 'gpm' (always 'remove'; inflora_ca1.py) or 'auto' (gpm with --ca, else dualgpm)"""
     lr: float = 5e-4
     """Adam learning rate (InfLoRA config)"""
     weight_decay: float = 0.0
@@ -95,13 +117,13 @@ class Config:
     ca: bool = False
     """classifier alignment after every task t >= 1 (InfLoRA+CA, reported separately)"""
     ca_epochs: int = 5
-    """alignment epochs (inflora_ca.py: 5)"""
+    """alignment epochs (inflora_ca1.py: 5)"""
     ca_lr: float = 0.01
     """alignment SGD learning rate (momentum 0.9, cosine over the alignment epochs)"""
     ca_weight_decay: float = 5e-4
     """alignment SGD weight decay"""
     ca_samples: int = 256
-    """Gaussian samples per class and epoch, also the alignment batch size (SLCA: 256)"""
+    """Gaussian samples per class and epoch, also the alignment batch size (inflora_ca1.py: 256)"""
     ca_shrink: float = 1e-4
     """covariance shrinkage delta: Sigma_c + delta I"""
     ca_logit_norm: float = 0.1
@@ -110,11 +132,50 @@ class Config:
 
 CHOICES = {"memory": ("auto", "dualgpm", "gpm")}
 
+
+def validate(cfg: Config, vit: nn.Module | None = None) -> None:
+    """Raise ValueError for a Config that cannot run; with `vit`, also check the bounds its shape sets."""
+    if cfg.rank < 1:
+        raise ValueError(f"--rank must be >= 1 (got {cfg.rank})")
+    if not cfg.targets or not set(cfg.targets) <= set("qkv") or len(set(cfg.targets)) != len(cfg.targets):
+        raise ValueError(f"--targets must be distinct letters of q, k, v (got {cfg.targets!r})")
+    if cfg.blocks < 0:
+        raise ValueError(f"--blocks must be >= 0 (got {cfg.blocks})")
+    if not 0 < cfg.lamb <= 1:
+        raise ValueError(f"--lamb must be in (0, 1] (got {cfg.lamb})")
+    if not cfg.lamb <= cfg.lame <= 1:
+        raise ValueError(f"--lame must be in [lamb, 1] (got {cfg.lame})")
+    if cfg.energy_power not in (2, 4):
+        raise ValueError(f"--energy-power must be one of 4, 2 (got {cfg.energy_power})")
+    if cfg.total_tasks < 0:
+        raise ValueError(f"--total-tasks must be >= 0 (got {cfg.total_tasks})")
+    if cfg.memory not in CHOICES["memory"]:
+        raise ValueError(f"--memory must be one of {', '.join(CHOICES['memory'])} (got {cfg.memory!r})")
+    if cfg.ca_epochs < 1:
+        raise ValueError(f"--ca-epochs must be >= 1 (got {cfg.ca_epochs})")
+    if not cfg.ca_lr > 0:
+        raise ValueError(f"--ca-lr must be > 0 (got {cfg.ca_lr})")
+    if cfg.ca_weight_decay < 0:
+        raise ValueError(f"--ca-weight-decay must be >= 0 (got {cfg.ca_weight_decay})")
+    if cfg.ca_samples < 1:
+        raise ValueError(f"--ca-samples must be >= 1 (got {cfg.ca_samples})")
+    if cfg.ca_shrink < 0:
+        raise ValueError(f"--ca-shrink must be >= 0 (got {cfg.ca_shrink})")
+    if cfg.ca_logit_norm < 0:
+        raise ValueError(f"--ca-logit-norm must be >= 0 (got {cfg.ca_logit_norm})")
+    if vit is not None:
+        d, depth = vit.embed_dim, len(vit.blocks)
+        if cfg.rank > d:
+            raise ValueError(f"--rank must be <= {d}, the width (got {cfg.rank})")
+        if cfg.blocks > depth:
+            raise ValueError(f"--blocks must be <= {depth}, the depth (got {cfg.blocks})")
+
+
 # ----------------------------------------------------------------------------------------------------
-# LoRA
+# Adapters
 
 
-class QKVLoRA(nn.Module):
+class Adapter(nn.Module):
     """Per-task branches on the slices m of one block's fused qkv: delta_m = sum_s B_s^m (A_s x).
 
     Also holds the layer's subspace memory (a fixed-shape d x d basis whose first `width` columns are used,
@@ -124,11 +185,16 @@ class QKVLoRA(nn.Module):
     def __init__(self, d: int, rank: int, targets: str):
         super().__init__()
         self.d, self.rank, self.targets = d, rank, targets
-        self.A = nn.ParameterList()  # designed down-projections (r, d), one per task, frozen
-        self.B = nn.ModuleList()  # per task: {m: (d, r)} up-projections, trained during their task only
+        self.A = nn.ParameterList()  # down (r, d), one per task: designed in begin_task, frozen
+        self.B = nn.ModuleList()  # up, one {m: (d, r)} per task: trained during its task only
         self.register_buffer("basis", torch.zeros(d, d, dtype=torch.float64))
         self.register_buffer("width", torch.zeros((), dtype=torch.long))
         self.register_buffer("mode", torch.zeros((), dtype=torch.long))
+        # the frozen branches 0..frozen-1, rebuilt by stack_frozen, never stored: A_cat (R x d), or None when
+        # they are folded into one dense delta; per target B_cat (|targets|, d, R) or the delta (|targets|, d, d)
+        self.register_buffer("stack_A", None, persistent=False)
+        self.register_buffer("stack_B", None, persistent=False)
+        self.frozen = 0
         self.recording = False
         self.moment, self.count = None, 0
 
@@ -139,16 +205,37 @@ class QKVLoRA(nn.Module):
                                         for m in self.targets}))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.recording:  # §4.2: running sum of x x^T over all tokens
+        if self.recording:  # running sum of x x^T over every token (models/vit_inflora.py L237-238)
             xf = x.detach().reshape(-1, self.d).double()
             self.moment = self.moment + xf.T @ xf
             self.count += xf.shape[0]
-        delta = {m: 0 for m in self.targets}
-        for A, B in zip(self.A, self.B):  # Eq. (1), branch by branch
-            h = F.linear(x, A)
+        delta: dict[str, torch.Tensor] = {}
+        if self.stack_B is not None:  # the frozen branches: one low-rank product or one dense delta
+            h = x if self.stack_A is None else F.linear(x, self.stack_A)
+            for i, m in enumerate(self.targets):
+                delta[m] = F.linear(h, self.stack_B[i])
+        for s in range(self.frozen, len(self.A)):  # the current branch (every branch if none is stacked)
+            h = F.linear(x, self.A[s])
             for m in self.targets:
-                delta[m] = delta[m] + F.linear(h, B[m])
+                d_m = F.linear(h, self.B[s][m])
+                delta[m] = delta[m] + d_m if m in delta else d_m
         return delta
+
+    @torch.no_grad()
+    def stack_frozen(self, n: int) -> None:
+        """Enter branches 0..n-1 as one product (x A_cat^T) B_cat^T, or as their dense sum_s B_s A_s where that
+        is cheaper per token: R (1 + |targets|) >= |targets| d multiply-adds, R = n r (A_cat is shared)."""
+        self.frozen = n
+        if n == 0:
+            self.stack_A = self.stack_B = None
+            return
+        A = torch.cat([self.A[s] for s in range(n)])
+        B = torch.stack([torch.cat([self.B[s][m] for s in range(n)], dim=1) for m in self.targets])
+        k = len(self.targets)
+        if A.shape[0] * (1 + k) >= k * self.d:
+            self.stack_A, self.stack_B = None, B @ A
+        else:
+            self.stack_A, self.stack_B = A, B
 
     def stored(self) -> torch.Tensor:
         return self.basis[:, : int(self.width)]
@@ -162,65 +249,50 @@ class QKVLoRA(nn.Module):
 
 
 class InfLoRA(nn.Module):
-    def __init__(self, vit: ViT, num_classes: int, cfg: Config):
+    def __init__(self, vit: nn.Module, num_classes: int, cfg: Config):
         super().__init__()
-        d, depth = vit.embed_dim, len(vit.blocks)
-        if not 1 <= cfg.rank <= d:
-            raise ValueError(f"--rank must be in [1, {d}] (the width), got {cfg.rank}")
-        if not cfg.targets or not set(cfg.targets) <= set("qkv") or len(set(cfg.targets)) != len(cfg.targets):
-            raise ValueError(f"--targets must be distinct letters of q, k, v (got '{cfg.targets}')")
-        if not 0 <= cfg.blocks <= depth:
-            raise ValueError(f"--blocks must be in [0, {depth}] (0: all), got {cfg.blocks}")
-        if not 0 < cfg.lamb <= cfg.lame <= 1:
-            raise ValueError(f"thresholds need 0 < lamb <= lame <= 1 (got lamb {cfg.lamb}, lame {cfg.lame})")
-        if cfg.energy_power not in (2, 4):
-            raise ValueError(f"--energy-power must be 4 (official code) or 2 (paper), got {cfg.energy_power}")
-        if cfg.total_tasks < 0:
-            raise ValueError(f"--total-tasks must be >= 0 (0: derived), got {cfg.total_tasks}")
-        if cfg.memory not in CHOICES["memory"]:
-            raise ValueError(f"--memory must be one of {', '.join(CHOICES['memory'])}, got '{cfg.memory}'")
-        if cfg.ca and (cfg.ca_epochs < 1 or cfg.ca_samples < 1 or cfg.ca_lr <= 0 or cfg.ca_shrink < 0
-                       or cfg.ca_logit_norm < 0 or cfg.ca_weight_decay < 0):
-            raise ValueError("classifier alignment needs ca_epochs, ca_samples >= 1, ca_lr > 0 and "
-                             "ca_shrink, ca_logit_norm, ca_weight_decay >= 0")
+        validate(cfg, vit)
         self.cfg = cfg
         self.vit = vit
-        self.num_classes = num_classes
-        self.dual = cfg.memory == "dualgpm" or (cfg.memory == "auto" and not cfg.ca)  # I7
+        self.num_classes = num_classes  # for T = ceil(num_classes / |task 0|)
+        self.dual = cfg.memory == "dualgpm" or (cfg.memory == "auto" and not cfg.ca)
         for p in vit.parameters():
             p.requires_grad_(False)
-        n_blocks = cfg.blocks or depth
-        mods = attach(vit, "qkv_adapter", lambda i, attn: QKVLoRA(d, cfg.rank, cfg.targets) if i < n_blocks else None)
-        self.loras = nn.ModuleList(m for m in mods if m is not None)
+        d, n_blocks = vit.embed_dim, cfg.blocks or len(vit.blocks)
+        attach(vit, "qkv_adapter", lambda i, attn: Adapter(d, cfg.rank, cfg.targets) if i < n_blocks else None)
         self.heads = nn.ModuleList()
         self.offsets: list[int] = [0]  # K_t for every grown task, then C_t
         self.T = cfg.total_tasks
         if cfg.ca:  # class statistics of the alignment, frozen at their task (fixed shapes for resume)
             self.register_buffer("ca_mean", torch.zeros(num_classes, d, dtype=torch.float64))
             self.register_buffer("ca_cov", torch.zeros(num_classes, d, d))
+        self.register_load_state_dict_post_hook(lambda mod, keys: mod.stack_frozen())
 
     # -- contract --------------------------------------------------------------------------------
     def grow(self, t: int, classes: list[int]) -> None:
+        self._drop_eval_vit()
         assert t == len(self.heads) and classes[0] == self.offsets[-1], "tasks must grow in order"
         if t == 0 and self.cfg.total_tasks == 0:
             self.T = math.ceil(self.num_classes / len(classes))
         device = self.vit.cls_token.device
         self.heads.append(nn.Linear(self.vit.embed_dim, len(classes)).to(device))
         self.offsets.append(self.offsets[-1] + len(classes))
-        for lora in self.loras:
-            lora.grow()
-            for s, B in enumerate(lora.B):
+        for ad in self.adapters:
+            ad.grow()
+            for s, B in enumerate(ad.B):
                 B.requires_grad_(s == t)
         for s, h in enumerate(self.heads):
             h.requires_grad_(s == t)
+        self.stack_frozen()  # branches s < t are frozen
 
     @torch.no_grad()
     def begin_task(self, t: int, classes: list[int], data) -> None:
+        self._drop_eval_vit()
         ranks = []
-        for lora, M in zip(self.loras, self.input_moments(data.train)):
-            M_hat = M if t == 0 else project(M, lora.stored(), int(lora.mode))  # Eq. (2)
-            A, rank = design_down(M_hat, self.cfg.rank)  # Eq. (3)
-            lora.A[t].copy_(A)
+        for ad, M in zip(self.adapters, self.input_moments(data.train)):
+            M_hat = M if t == 0 else project(M, ad.stored(), int(ad.mode))
+            A, rank = design_down(M_hat, self.cfg.rank)
+            ad.A[t].copy_(A)
             ranks.append(rank)
         print(f"[inflora] task {t + 1}: designed A_t; numerical rank of M_hat per block "
               f"{' '.join(map(str, ranks))} (r = {self.cfg.rank})")
@@ -232,67 +304,109 @@ class InfLoRA(nn.Module):
         return opt, sched
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        f = features(self.vit, x)
         K_t = self.offsets[-2]
-        return F.cross_entropy(self.heads[-1](self.vit(x)), y - K_t)
+        return F.cross_entropy(self.heads[-1](f), y - K_t)
 
     @torch.no_grad()
     def end_task(self, t: int, classes: list[int], data) -> None:
+        self._drop_eval_vit()
         for p in self.parameters():  # task t is finished: freeze its branch and head
             p.requires_grad_(False)
             p.grad = None
         eps = threshold(t, self.T, self.cfg.lamb, self.cfg.lame)
-        for lora, M in zip(self.loras, self.input_moments(data.train)):  # M with the trained branches <= t
-            P, mode = memory_update(M, lora.stored(), int(lora.mode), eps, self.cfg.energy_power,
-                                    first=t == 0, dual=self.dual)  # Eq. (4)
-            lora.basis.zero_()
-            lora.basis[:, : P.shape[1]] = P
-            lora.width.fill_(P.shape[1])
-            lora.mode.fill_(mode)
-        widths = " ".join(f"{int(l.width)}{'R' if int(l.mode) else ''}" for l in self.loras)
+        for ad, M in zip(self.adapters, self.input_moments(data.train)):  # M with the trained branches <= t
+            P, mode = memory_update(M, ad.stored(), int(ad.mode), eps, self.cfg.energy_power,
+                                    first=t == 0, dual=self.dual)
+            ad.basis.zero_()
+            ad.basis[:, : P.shape[1]] = P
+            ad.width.fill_(P.shape[1])
+            ad.mode.fill_(mode)
+        widths = " ".join(f"{int(ad.width)}{'R' if int(ad.mode) else ''}" for ad in self.adapters)
         print(f"[inflora] task {t + 1}: eps_t {eps:.4f}, memory width per block {widths} (R: 'retain' complement)")
         if self.cfg.ca:
             mean, cov = class_statistics(self.vit, data.plain, classes)
             self.ca_mean[classes] = mean
             self.ca_cov[classes] = cov.float()
             if t >= 1:
-                with torch.enable_grad():
-                    self.align_heads(t)
+                self.align_heads(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.vit(x))
+        vit = self.vit if self.training else self._eval_vit()  # evaluation: one forward of the folded copy
+        return self.logits(features(vit, x))
 
     # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[Adapter]:
+        """The per-block adapters, registered once: under vit.blocks.{i}.attn.qkv_adapter."""
+        return [blk.attn.qkv_adapter for blk in self.vit.blocks if blk.attn.qkv_adapter is not None]
+
     def logits(self, f: torch.Tensor) -> torch.Tensor:
         return torch.cat([h(f) for h in self.heads], dim=1)
+
+    def train(self, mode: bool = True):
+        self._drop_eval_vit()  # train() and eval(): the next evaluation folds the adapters as they are then
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_eval_vit()  # .to(), .double(), ...: the folded copy would keep the old device and dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    @torch.no_grad()
+    def merged_vit(self) -> nn.Module:
+        """A copy of the ViT with every adapter's delta folded into its qkv rows, and no adapters."""
+        vit = copy.deepcopy(self.vit, {id(ad): None for ad in self.adapters})  # copied without the adapters
+        d = vit.embed_dim
+        for blk, ad in zip(vit.blocks, self.adapters):
+            for m in ad.targets:
+                blk.attn.qkv.weight[qkv_rows(m, d)] += ad.delta_weight(m)
+        return vit
+
+    def _eval_vit(self) -> nn.Module:
+        """merged_vit(), built by the first evaluation forward and kept until the adapters can change (train(),
+        grow, begin_task, end_task, load_state_dict, merge); held outside the module tree, so it is in no
+        state_dict() and no parameters()."""
+        vit = self.__dict__.get("_eval_cache")
+        if vit is None:
+            vit = self.__dict__["_eval_cache"] = self.merged_vit()
+        return vit
+
+    def _drop_eval_vit(self) -> None:
+        self.__dict__.pop("_eval_cache", None)
+
+    def stack_frozen(self) -> None:
+        """Rebuild every adapter's stack of the frozen branches (all but the current task's); drop the folded copy."""
+        self._drop_eval_vit()
+        for ad in self.adapters:
+            ad.stack_frozen(max(len(self.heads) - 1, 0))
 
     @torch.no_grad()
     def input_moments(self, loader) -> list[torch.Tensor]:
         """M = (1/n) sum x x^T (float64) of every adapted block's attention input, over one pass of loader."""
         was_training = self.vit.training
         self.vit.eval()
-        for lora in self.loras:
-            lora.recording, lora.moment, lora.count = True, torch.zeros(lora.d, lora.d, dtype=torch.float64,
-                                                                        device=lora.basis.device), 0
         device = self.vit.cls_token.device
+        for ad in self.adapters:
+            ad.recording, ad.moment, ad.count = True, torch.zeros(ad.d, ad.d, dtype=torch.float64, device=device), 0
         try:
             with torch.autocast(device_type=device.type, enabled=False):
                 for x, _ in loader:
-                    self.vit(x.to(device))
-            return [lora.moment / max(lora.count, 1) for lora in self.loras]
+                    features(self.vit, x.to(device))
+            return [ad.moment / max(ad.count, 1) for ad in self.adapters]
         finally:
-            for lora in self.loras:
-                lora.recording, lora.moment = False, None
+            for ad in self.adapters:
+                ad.recording, ad.moment = False, None
             self.vit.train(was_training)
 
+    @torch.enable_grad()
     def align_heads(self, t: int) -> None:
-        """SLCA-style classifier alignment (protocol.md §8): only the heads h_0..h_t change."""
-        cfg, C, d = self.cfg, self.offsets[-1], self.vit.embed_dim
-        device = self.ca_mean.device
+        """Classifier alignment after task t (inflora_ca1.py L405-487): only the heads h_0..h_t change."""
+        cfg, C, device = self.cfg, self.offsets[-1], self.ca_mean.device
         sizes = [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])]
-        gamma = mean_decay(torch.arange(t + 1).repeat_interleave(torch.tensor(sizes)), t)
-        eye = torch.eye(d, dtype=torch.float64, device=device)
-        tril = torch.linalg.cholesky(self.ca_cov[:C].double() + cfg.ca_shrink * eye).float()  # Sigma_c + delta I
-        means = (gamma.to(device)[:, None] * self.ca_mean[:C]).float()
+        task_of = torch.arange(t + 1, device=device).repeat_interleave(torch.tensor(sizes, device=device))
+        means = (mean_decay(task_of, t)[:, None] * self.ca_mean[:C]).float()
+        eye = torch.eye(self.ca_cov.shape[-1], dtype=torch.float64, device=device)
+        trils = torch.linalg.cholesky(self.ca_cov[:C].double() + cfg.ca_shrink * eye).float()
         params = [p for h in self.heads for p in h.parameters()]
         for p in params:
             p.requires_grad_(True)
@@ -301,7 +415,7 @@ class InfLoRA(nn.Module):
         n = cfg.ca_samples
         with torch.autocast(device_type=device.type, enabled=False):
             for _ in range(cfg.ca_epochs):
-                feats, labels = gaussian_replay(means, tril, n)
+                feats, labels = gaussian_replay(means, trils, n)
                 perm = torch.randperm(len(labels)).to(device)
                 feats, labels = feats[perm], labels[perm]
                 for i in range(C):  # |C_<=t| batches of n samples per epoch
@@ -321,12 +435,13 @@ class InfLoRA(nn.Module):
     def merge(self) -> None:
         """Fold sum_s B_s A_s into the qkv weights and zero every B: the function is unchanged."""
         d = self.vit.embed_dim
-        for blk, lora in zip(self.vit.blocks, self.loras):
-            for m in lora.targets:
-                blk.attn.qkv.weight[qkv_rows(m, d)] += lora.delta_weight(m)
-            for B in lora.B:
+        for blk, ad in zip(self.vit.blocks, self.adapters):
+            for m in ad.targets:
+                blk.attn.qkv.weight[qkv_rows(m, d)] += ad.delta_weight(m)
+            for B in ad.B:
                 for b in B.values():
                     b.zero_()
+        self.stack_frozen()
 
 
 Method = InfLoRA
@@ -336,28 +451,33 @@ Method = InfLoRA
 
 
 def inflora_cosine(epochs: int, steps_per_epoch: int):
-    """InfLoRA's epoch-level cosine, as a per-step multiplier: cos(99 pi e / (200 (E - 1))), e = epoch."""
+    """InfLoRA's epoch cosine as a per-step multiplier: epoch e trains at cos(99 pi max(e - 1, 0) / (200 (E - 1))).
+
+    The official CosineSchedule (utils/schedulers.py L19-20 and L53-54, the same file in InfLoRA @ e08b00e and
+    SR-2-LoRA @ ea5da65) steps once in its constructor and then resets last_epoch, so its first per-epoch step
+    returns the base rate again: epochs 0 and 1 both train at the base rate.
+    """
     def factor(step: int) -> float:
-        e = step // max(steps_per_epoch, 1)
-        return 1.0 if epochs <= 1 else math.cos(99 * math.pi * min(e, epochs - 1) / (200 * (epochs - 1)))
+        e = min(step // max(steps_per_epoch, 1), epochs - 1)
+        return 1.0 if epochs <= 1 else math.cos(99 * math.pi * max(e - 1, 0) / (200 * (epochs - 1)))
     return factor
 
 
 def threshold(t: int, T: int, lamb: float, lame: float) -> float:
-    """eps_t = lamb + (lame - lamb) t / T, t 0-indexed (official update_DualGPM)."""
+    """eps_t = lamb + (lame - lamb) t / T, t 0-indexed (methods/inflora.py L322)."""
     return lamb + (lame - lamb) * t / max(T, 1)
 
 
 def project(M: torch.Tensor, P: torch.Tensor, mode: int) -> torch.Tensor:
     """(I - P P^T) M in 'remove' mode (0), P P^T M in 'retain' mode (1; P is then the complement Q)."""
-    return M - P @ (P.T @ M) if mode == 0 else P @ (P.T @ M)  # Eq. (2)
+    return M - P @ (P.T @ M) if mode == 0 else P @ (P.T @ M)
 
 
 def design_down(M_hat: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
-    """A = U_hat[:, :r]^T / sqrt(3) from the thin SVD of M_hat; also the numerical rank of M_hat (I6)."""
+    """A = U_hat[:, :r]^T / sqrt(3) from the SVD of M_hat, and the numerical rank of M_hat."""
     U, S, _ = torch.linalg.svd(M_hat)
     tol = S.max() * max(M_hat.shape) * torch.finfo(S.dtype).eps
-    return U[:, :rank].T / math.sqrt(3), int((S > tol).sum())  # Eq. (3)
+    return U[:, :rank].T / math.sqrt(3), int((S > tol).sum())
 
 
 def memory_update(M: torch.Tensor, P: torch.Tensor, mode: int, eps: float, power: int,
@@ -369,22 +489,22 @@ def memory_update(M: torch.Tensor, P: torch.Tensor, mode: int, eps: float, power
     U, S, _ = torch.linalg.svd(M)
     total = (S ** (power / 2)).sum()
     tol = S.max() * d * torch.finfo(S.dtype).eps  # singular values at or below are numerically zero
-    if first:
-        k = int(((S ** (power / 2)).cumsum(0) / total < eps).sum())  # Eq. (4), first task
+    if first:  # L326-338
+        k = int(((S ** (power / 2)).cumsum(0) / total < eps).sum())
         if not dual or k < d / 2:
             P, mode = U[:, : max(k, 1)], 0
         else:
-            P, mode = U[:, k:], 1  # I3: the complement of the top-k space
-    elif mode == 0:
+            P, mode = U[:, k:], 1  # the complement of the top-k space (the code stores U[:, :k], L337)
+    elif mode == 0:  # L341-368
         Uh, Sh, _ = torch.linalg.svd(project(M, P, 0))
         e = Sh ** (power / 2) / total
-        a, k = 1 - e.sum(), 0  # Eq. (4): captured fraction of the stored space
+        a, k = 1 - e.sum(), 0  # captured fraction of the stored space
         while k < d and a < eps and Sh[k] > tol:
             a, k = a + e[k], k + 1
         if k > 0:
             new = Uh[:, :k] - P @ (P.T @ Uh[:, :k])  # re-orthogonalise against P (numerical hygiene)
             P = torch.cat([P, torch.linalg.qr(new).Q], dim=1)[:, :d]
-    else:
+    else:  # L369-396
         Uh, Sh, _ = torch.linalg.svd(project(M, P, 1))
         e = Sh ** (power / 2) / total
         a, k = e.sum(), 0  # residual fraction in the free space
@@ -393,42 +513,45 @@ def memory_update(M: torch.Tensor, P: torch.Tensor, mode: int, eps: float, power
         if k > 0:
             Ui, _, _ = torch.linalg.svd(P - Uh[:, :k] @ (Uh[:, :k].T @ P))
             P = Ui[:, : P.shape[1] - k]
-    if dual and mode == 0 and P.shape[1] > d / 2:  # switch: keep the narrower complement
+    if dual and mode == 0 and P.shape[1] > d / 2:  # switch: keep the narrower complement (L401-408)
         Ui, _, _ = torch.linalg.svd(P)
         P, mode = Ui[:, P.shape[1]:], 1
     return P, mode
 
 
 @torch.no_grad()
-def class_statistics(encoder: nn.Module, loader, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (float64) and unbiased covariance (float64) of f(x) for every class of `classes`, in order."""
-    was_training = encoder.training
-    encoder.eval()
-    device = next(encoder.parameters()).device
+def class_statistics(vit: nn.Module, loader, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance (float64) of f(x) for every class of `classes`, in that order
+    (inflora_ca1.py L541-559; the 1e-4 I it adds there is added at sampling time here)."""
+    was_training = vit.training
+    vit.eval()
+    device = next(vit.parameters()).device
     feats, ys = [], []
     with torch.autocast(device_type=device.type, enabled=False):
         for x, y in loader:
-            feats.append(encoder(x.to(device)).double())
+            feats.append(features(vit, x.to(device)).double())
             ys.append(y.to(device))
-    encoder.train(was_training)
+    vit.train(was_training)
     feats, ys = torch.cat(feats), torch.cat(ys)
     means, covs = [], []
     for c in classes:
         f = feats[ys == c]
-        assert len(f) > 0, f"class {c} has no training image"
+        if len(f) == 0:
+            raise ValueError(f"class {c} has no training image: cannot compute its statistics")
         mu = f.mean(0)
         means.append(mu)
-        covs.append((f - mu).T @ (f - mu) / max(len(f) - 1, 1))
+        covs.append((f - mu).T @ (f - mu) / max(len(f) - 1, 1))  # one image: zero, the shrinkage keeps it PD
     return torch.stack(means), torch.stack(covs)
 
 
 def mean_decay(task_of: torch.Tensor, t: int) -> torch.Tensor:
-    """gamma_c = 0.9 + 0.1 (t_c + 1) / (t + 1) for a class introduced by task t_c; the newest task gets 1."""
+    """gamma_c = 0.9 + 0.1 (t_c + 1) / (t + 1) for a class introduced by task t_c (inflora_ca1.py L431-433)."""
     return 0.9 + 0.1 * (task_of + 1).double() / (t + 1)
 
 
 def gaussian_replay(means: torch.Tensor, trils: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n samples per class c from N(means[c], trils[c] trils[c]^T), torch's global generator; labels c."""
+    """n samples per class c from N(means[c], trils[c] trils[c]^T) with torch's global generator, and their
+    labels c: (C * n, d), (C * n,), class by class (inflora_ca1.py L430-443)."""
     C, d = means.shape
     z = torch.randn(C, n, d, device=means.device, dtype=means.dtype)
     x = means[:, None, :] + z @ trils.transpose(1, 2)
@@ -436,6 +559,6 @@ def gaussian_replay(means: torch.Tensor, trils: torch.Tensor, n: int) -> tuple[t
 
 
 def task_normalised(z: torch.Tensor, sizes: list[int], tau: float) -> torch.Tensor:
-    """z / (tau * mean_s ||z_{C_s}||_2): the per-task logit normalisation of SLCA / InfLoRA-CA."""
+    """z / (tau * mean_s ||z_{C_s}||_2), s over the tasks of sizes `sizes` (inflora_ca1.py L459-472)."""
     norms = torch.stack([b.norm(dim=1) + 1e-7 for b in z.split(sizes, dim=1)], dim=1).mean(1, keepdim=True)
     return z / norms / tau

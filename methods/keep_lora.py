@@ -3,66 +3,99 @@
 Paper: Luo, Zhou, Zhang, Wan, Wei, Zhang, "KeepLoRA: Continual Learning with Residual Gradient Adaptation",
 ICLR 2026, arXiv 2601.19659.
 Official code: MaolinLuo/KeepLoRA @ a17f9c2 (CLIP multi-domain task-incremental learning in MTIL/, LLaVA in
-MCITlib/). There is no official ViT class-incremental code: this file follows the spec's transplant.
-Spec: ../shared/specs/keep_lora.md (algorithm §3-§6, transplant §8-§9, invariants §12, pitfalls K1-K13).
+MCITlib/). There is no official ViT class-incremental code: the head, the loss of the gradient estimate and the
+evaluation are a transplant (see Deviations). The paper's full text was not available when this file was
+written, so its equation numbers are not cited: every formula below cites the official file and line at
+a17f9c2 (paths under MTIL/; "Prop. 3.1" is the paper's label as quoted by third-party notes).
 
-Implements (row convention y = x W^T + b; for every adapted matrix W (d_out x d_in), the q, k, v row blocks
-of the fused qkv and o = attn.proj, in every block; A (d_in x r) frozen, B (r x d_out) trained, s = alpha / r;
-Q (d_in x k) the protected basis, orthonormal columns). The equation labels are this file's own: the spec
-quotes the paper through third-party notes, without the paper's numbering.
-    Eq. 1  y = x W^T + b + s (x A) B                                  the adapter: dW^T = s A B
-    Eq. 2  W = U S V^T,  W_p = V[:, :p]  (input side; U[:, :p] for the MTIL output side), p by eps_w
-    Eq. 3  G = mean over the task's batches of dL/dW^T,  G_hat = G - Q Q^T G,  Q = [W_p, M_{t-1}]
-    Eq. 4  G_hat = U S V^T,  A = U[:, :r],  B_0 = diag(S[:r]) V[:, :r]^T
-    Eq. 5  W^T <- W^T - s A B_0          (the function is unchanged at the start of the task)
-    Eq. 6  W^T <- W^T + s A B,  then A, B <- 0   (merge at the end of the task)
-    Eq. 7  E = tr C, c_0 = (E - tr(P C P)) / E, P = I - Q Q^T, P C P = U_hat diag(s_hat^2) U_hat^T,
-           m = min{m : c_0 + sum_{i<=m} s_hat_i^2 / E >= eps_f},  Q <- [Q, U_hat[:, :m]]
-           with C the input features of the merged model: 'covariance' C = sum over tokens x x^T;
-           'official_mean' C = R R^T, R = mean_b X_b^T / N_b (MTIL's accumulator, spec §4c, K1)
-    Eq. 8  logits = tau cos(f(x), w_c) over the heads of all seen tasks; loss = CE over the task's own classes
-Prop. 3.1: with A frozen, dW^T = s A dB has its rows in col(A), which is orthogonal to span(Q), so inputs
-in span(Q) keep their outputs exactly, whatever the optimiser does to B; no gradient projection is needed.
+Implements, for every adapted matrix W (d_out x d_in): the q, k, v row blocks of the fused qkv and o = attn.proj,
+in every block. A (r x d_in) is the frozen down-projection, B (d_out x r) the trained up-projection,
+delta W = s B A with s = alpha / r; Q (d_in x k) is the protected basis, orthonormal columns. (The official code
+stores the transposes, lora_A = A^T and lora_B = B^T, and writes y = x lora_A lora_B.)
+    (a) y = x W^T + b + s x A^T B^T                                   model/peft_modules.py L17, L67-71
+    (b) W = U S V^T, W_p = V[:, :p] (input side; U[:, :p] is MTIL's output side), once before task 0,
+        p = max(1, #{j : sum_{i<=j} S_i^2 / sum S^2 < eps_w})        trainer/framework4MTIL.py L123-126,
+                                                   model/prin_subspace_helper.py L47-70, model/prin_subspace.py L20-29
+    (c) G = mean over the task's batches of dL/dW (adapters off),  G_hat = G (I - Q Q^T),  Q = [W_p, M_{t-1}]
+                                                                   trainer/trainer.py L29-106, L108-121
+    (d) G_hat = U S V^T,  A = V[:, :r]^T,  B_0 = U[:, :r] diag(S[:r])              trainer/trainer.py L123-125
+    (e) W <- W - s B_0 A   (the function is unchanged at the start of the task)     trainer/trainer.py L317
+    (f) W <- W + s B A, then A, B <- 0   (merge at the end of the task)
+                                   model/customClip.py L180-239, trainer/framework4MTIL.py L131-135
+    (g) with C the merged model's input features at the site, E = tr C, P = I - Q Q^T,
+        P C P = U_hat diag(s_hat^2) U_hat^T, c_0 = (E - tr(P C P)) / E:
+        m = min{m : c_0 + sum_{i<=m} s_hat_i^2 / E >= eps_f},  Q <- [Q, U_hat[:, :m]]   model/prin_subspace.py L31-59
+        and for the first basis (no W_p, eps_w <= 1e-8): m = max(1, #{j : sum_{i<=j} s_hat_i^2 / E < eps_f})
+                                                 model/prin_subspace.py L16, L20-29; trainer/framework4MTIL.py L123
+        'covariance' C = sum over tokens x x^T; 'official_mean' C = R R^T, R = mean_b X_b^T / N_b (MTIL's
+        accumulator, model/peft_modules.py L44-65; trainer/framework4MTIL.py L136-139)
+    (h) logits = tau cos(f(x), w_c), tau = 30, over the heads of all seen tasks; loss = CE over the task's own
+        classes                                   model/classifiers.py L33-41; trainer/trainer.py L346-349
+Prop. 3.1: with A frozen, delta W = s (delta B) A has its rows in the row space of A, which is orthogonal to
+span(Q), so inputs in span(Q) keep their outputs exactly, whatever the optimiser does to B; one SGD step with
+rate eta moves W by -eta s^2 G A^T A, a projected gradient step. No gradient projection is needed.
 
-Per task t (spec §9): reset A, B; (t = 0) Q <- W_p; head_t <- normalised class means of the current backbone
-(training images, test transforms, K5); G over the task's data with the adapters off (task-local CE through
-head_t); A, B_0 per matrix; shift W; train B and head_t; merge; collect the merged model's features; grow Q.
+Per task t:
+    1. A, B <- 0 and the adapters off                                  model/keeplora_helper.py L16-30
+    2. (t = 0) Q <- W_p, (b)
+    3. head_t <- the normalised class means of the current backbone   model/customClip.py L103-150
+    4. G, (c), with the task-local CE through head_t
+    5. A, B_0 per matrix, (d)
+    6. the shift (e); the adapters on
+    7. train B and head_t: AdamW, OneCycleLR stepped per batch          trainer/trainer.py L260-305, L336-355
+    8. merge, (f)
+    9. collect the merged model's features over the task's data and grow Q, (g)
+begin_task does steps 1-6, loss step 7, end_task steps 8-9.
 
-Defaults (spec §7 "transplant defaults", the MTIL vision values where they exist): targets q, k, v, o of every
-block; r = 16, alpha = 1 (s = 1/16); eps_w = 0.85 [CODE]; eps_f = 0.99 [CODE] with feature_mode = covariance
-[ASSUMED, K1]; weight_basis_side = input (K2); threshold_rule = official (K3); full-data gradient (K4);
-B_0 from the SVD with the W shift (MTIL per spec §3); AdamW lr 1e-3, wd 0.01 on B and the head; torch
-OneCycleLR stepped per batch with its default beta_1 cycling (K9); batch 64; 10 epochs per task; cosine head
-tau = 30 (KeepLoRA+) [ASSUMED transplant].
+Defaults (the MTIL vision values, configs/keeplora_order1.yaml @ a17f9c2): targets q, k, v, o of every block
+(L20); r = 16 (L22), alpha = 1 (model/peft_vit.py L69; s = 1/16); eps_w = 0.85 (L26); eps_f = 0.99 (L24);
+AdamW lr 1e-3, wd 0.01 (L14-16) on B and the head; torch OneCycleLR stepped per batch with its default beta_1
+cycling (trainer/trainer.py L297-301, L355); batch 64 (L13); 10 epochs per task (L17); B_0 from the SVD with the
+W shift (trainer/trainer.py L184-191, L205-207, L317); cosine head tau = 30 (model/classifiers.py L34, the
+KeepLoRA+ head). Not the official choice: feature_mode = covariance (the reading of the paper's feature matrix;
+MTIL's accumulator is 'official_mean'); weight_basis_side = input (the paper's and LLaVA's side; MTIL takes
+output-side vectors, which works only for square W).
 
 Deviations:
 - Exact float64 torch.linalg.svd / eigh instead of the official randomised torch.svd_lowrank(q = 4r, niter = 4)
-  (K10: deterministic; d <= 768 is cheap). The shift and the merge are computed in float64 and written into the
-  float32 weights (K8).
-- K6 guard: if ||G_hat||^2 <= 1e-8 ||G||^2 a matrix gets no adapter in this task (A = 0); otherwise its rank is
-  min(r, d_in - k, numerical rank of G_hat), and A is re-orthogonalised against Q (twice) and re-orthonormalised
-  by QR, with B_0 = A^T G_hat (equal to diag(S) V^T for the exact SVD). The official code has no guard.
+  (trainer/trainer.py L123-141): deterministic, and d <= 768 is cheap. The shift and the merge are computed in
+  float64 and written into the float32 weights; MTIL trains under fp16 autocast (configs/keeplora_order1.yaml L3).
+- Saturation guard (not in the official code): if ||G_hat||^2 <= 1e-8 ||G||^2 a matrix gets no adapter in this
+  task (A = 0); otherwise its rank is min(r, d_in - k, numerical rank of G_hat), and A is re-orthogonalised
+  against Q (twice) and re-orthonormalised by QR, with B_0 = G_hat A^T (equal to U diag(S) for the exact SVD).
+  A randomised SVD of a (nearly) zero residual would return noise that leaks into span(Q).
 - Basis growth: the new columns are re-orthogonalised against Q and re-orthonormalised by QR; m never exceeds
-  d_in - k nor the number of non-negligible residual eigenvalues (> 1e-12 of the largest), so no direction of
-  span(Q) is ever appended. The eigendecomposition of P C P gives the same U_hat and s_hat^2 as the SVD of P R.
+  d_in - k (the official code truncates to d_in columns, model/prin_subspace.py L55-59) nor the number of
+  non-negligible residual eigenvalues (> 1e-12 of the largest), so no direction of span(Q) is ever appended.
+  The eigendecomposition of P C P gives the same U_hat and s_hat^2 as the official SVD of P R.
 - All three passes over the task's data (prototypes, gradient, features) read data.plain (training images, test
-  transforms, fixed order). The spec asks for test transforms for the prototypes and a "shuffled, drop_last"
-  training set for the gradient and the features; the official trainer feeds one loader to the gradient pass and
-  to the prototype pass. The mean gradient and the covariance do not depend on the order; for the gradient and
-  'official_mean' a short last batch is skipped (drop_last), unless it is the only batch.
+  transforms, fixed order); the official code feeds one shuffled, drop_last loader (trainer/framework4MTIL.py
+  L120) to the gradient pass, the head's class means and the feature pass (trainer/trainer.py L315, L323;
+  trainer/framework4MTIL.py L136). The mean gradient and the covariance do not depend on the order; for the
+  gradient and 'official_mean' a short last batch is skipped (drop_last), unless it is the only batch.
 - 'official_mean' averages the batch-slot-aligned columns of data.plain's fixed-order batches, not of shuffled
-  ones; it is MTIL's quirk either way (K1) and not the default.
-- grad_fraction < 1 takes evenly spaced batches (LLaVA takes 20 % evenly spaced samples).
-- The cosine head, its prototype initialisation and task-local CE are the spec's transplant (§8), not KeepLoRA.
-- Classifier alignment (protocol.md §8, an optional ablation, not part of KeepLoRA) is not implemented.
-- The official MTIL trainer stored in the search index (commit 7abf7ec) zeroes B after the SVD, so its shift
-  is a no-op there (B_0 = 0, like LLaVA); this file follows the spec (B_0 = S V^T with the shift), and
-  b0_init = 'zero' gives the other variant.
+  ones; it is MTIL's quirk either way (a per-position mean of the tokens, not a covariance) and not the default.
+- grad_fraction < 1 takes evenly spaced batches (LLaVA takes evenly spaced samples,
+  MCITlib/KeepLoRA/llava/train/extract_gradients.py L57-58).
+- The head: MTIL estimates the gradient through CLIP's zero-shot text head and adds the KeepLoRA+ head after the
+  LoRA init (trainer/trainer.py L315-323). A ViT has no text head, so head_t is initialised from the class means
+  before the gradient estimate (a random head would give a meaningless gradient). Task-local CE and the
+  concatenated heads at inference are the class-incremental transplant.
+- Evaluation runs a folded copy (`merged_vit()`, built once per evaluation by `_eval_vit`): a copy of the ViT
+  without adapters, with the current s B A written into its weights as (f) does if the adapters are on
+  (an evaluation inside a task); between tasks they are merged and off, so the copy is the plain merged
+  backbone. The official forward always runs the adapters, zero after the merge
+  (model/peft_vit.py L211-219, L230-236; model/peft_modules.py L67-71). The same logits up to float rounding.
+- Classifier alignment (SLCA's Gaussian replay, an optional ablation elsewhere, not part of KeepLoRA) is not
+  implemented.
+- Another snapshot of the official repository (7abf7ec) zeroes B after the SVD, so its shift is a no-op there
+  (B_0 = 0, as in the LLaVA code); b0_init = 'zero' gives that variant.
 
 Run: python train.py --method keep_lora --tasks 10
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -70,7 +103,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import ViT, attach, qkv_rows
+from backbone import attach, features, qkv_rows
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -83,29 +116,30 @@ class Config:
     alpha: float = 1.0
     """LoRA alpha; the adapter scale is s = alpha / rank (MTIL: alpha 1, s = 1/16; LLaVA: alpha = r/4)"""
     targets: str = "qkvo"
-    """adapted matrices of every block, any of q, k, v (slices of the fused qkv) and o (attn.proj) [CODE]"""
+    """adapted matrices of every block, any of q, k, v (slices of the fused qkv) and o (attn.proj) (MTIL: all four)"""
     eps_w: float = 0.85
     """energy threshold of the pretrained weight basis W_p (MTIL vision 0.85; <= 1e-8: no W_p)"""
     eps_f: float = 0.99
-    """energy threshold of the task-feature basis growth (MTIL 0.99; spec sweeps 0.95, 0.97, 0.99)"""
+    """energy threshold of the task-feature basis growth (MTIL 0.99)"""
     feature_mode: str = "covariance"
     """task features: 'covariance' (sum of x x^T over all tokens, the paper's reading) or 'official_mean' (MTIL)"""
     weight_basis_side: str = "input"
     """W_p from the input-space ('input', paper and LLaVA) or output-space ('output', MTIL) singular vectors"""
     threshold_rule: str = "official"
-    """W_p size: 'official' p = max(1, #{cumulative energy < eps_w}); 'paper' the first p reaching eps_w"""
+    """size of the first basis (W_p, or the first feature basis when there is no W_p): 'official'
+    p = max(1, #{cumulative energy < eps}); 'paper' the first p whose cumulative energy reaches eps"""
     b0_init: str = "svd"
-    """'svd': B_0 = S_r V_r^T with the weight shift (paper, MTIL); 'zero': B_0 = 0, no shift (LLaVA code)"""
+    """'svd': B_0 = U_r S_r with the weight shift (paper, MTIL @ a17f9c2); 'zero': B_0 = 0, no shift (LLaVA code)"""
     grad_fraction: float = 1.0
     """share of the task's batches (evenly spaced) in the gradient estimate (MTIL: 1; LLaVA: 0.2)"""
     head_scale: float = 30.0
-    """scale tau of the per-task cosine head (the KeepLoRA+ head, spec §8)"""
+    """scale tau of the per-task cosine head (the KeepLoRA+ head)"""
     lr: float = 1e-3
     """AdamW learning rate, also OneCycleLR's max_lr (MTIL)"""
     weight_decay: float = 0.01
     """AdamW weight decay on B and the head (MTIL)"""
     epochs: int = 10
-    """epochs per task (MTIL: about 10 per dataset)"""
+    """epochs per task (MTIL order I: 10 per dataset)"""
     batch_size: int = 64
     """training batch size (MTIL)"""
 
@@ -113,24 +147,46 @@ class Config:
 CHOICES = {"feature_mode": ("covariance", "official_mean"), "weight_basis_side": ("input", "output"),
            "threshold_rule": ("official", "paper"), "b0_init": ("svd", "zero")}
 
+
+def validate(cfg: Config, vit: nn.Module | None = None) -> None:
+    """Raise ValueError for a Config that cannot run; with `vit`, also check the bounds its shape sets."""
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
+                             f"(got {getattr(cfg, name)!r})")
+    if not cfg.targets or not set(cfg.targets) <= set("qkvo") or len(set(cfg.targets)) != len(cfg.targets):
+        raise ValueError(f"--targets must be distinct letters of q, k, v, o (got {cfg.targets!r})")
+    for name, ok, rule in (("rank", cfg.rank >= 1, ">= 1"), ("alpha", cfg.alpha > 0, "> 0"),
+                           ("eps_w", 0 <= cfg.eps_w <= 1, "in [0, 1]"), ("eps_f", 0 < cfg.eps_f <= 1, "in (0, 1]"),
+                           ("grad_fraction", 0 < cfg.grad_fraction <= 1, "in (0, 1]"),
+                           ("head_scale", cfg.head_scale > 0, "> 0"), ("lr", cfg.lr > 0, "> 0"),
+                           ("weight_decay", cfg.weight_decay >= 0, ">= 0"), ("epochs", cfg.epochs >= 0, ">= 0"),
+                           ("batch_size", cfg.batch_size >= 1, ">= 1")):
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {rule} (got {getattr(cfg, name)})")
+    if vit is not None and cfg.rank > vit.embed_dim:
+        raise ValueError(f"--rank must be <= {vit.embed_dim}, the width (got {cfg.rank})")
+
+
 # ----------------------------------------------------------------------------------------------------
-# LoRA
+# Adapters
 
 
 class Site(nn.Module):
-    """One adapted matrix W (d_out x d_in): delta(x) = s (x A) B, and its protected basis Q[:, :k]."""
+    """One adapted matrix W (d_out x d_in): delta(x) = s x A^T B^T, and its protected basis Q[:, :k]."""
 
     def __init__(self, d_in: int, d_out: int, rank: int, scale: float):
         super().__init__()
         self.scale = scale
-        self.register_buffer("A", torch.zeros(d_in, rank), persistent=False)  # frozen down factor (K11)
-        self.B = nn.Parameter(torch.zeros(rank, d_out))  # the only trained tensor of the adapter
+        # the frozen down-projection, not saved (a plain tensor in the official code, model/peft_modules.py L23)
+        self.register_buffer("A", torch.zeros(rank, d_in), persistent=False)
+        self.B = nn.Parameter(torch.zeros(d_out, rank))  # the up-projection, the only trained tensor
         self.register_buffer("Q", torch.zeros(d_in, d_in))  # columns [:k] = [W_p, M_t], fixed shape
         self.register_buffer("k", torch.zeros((), dtype=torch.long))
-        self.rank_used = 0  # effective rank of this task (K6), for the log
+        self.rank_used = 0  # effective rank of this task (the saturation guard), for the log
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * (x @ self.A) @ self.B  # Eq. 1
+        return self.scale * F.linear(F.linear(x, self.A), self.B)  # (a)
 
     def basis(self) -> torch.Tensor:
         """The protected basis, (d_in, k), orthonormal columns."""
@@ -150,11 +206,8 @@ class Site(nn.Module):
 
 
 class Adapter(nn.Module):
-    """The sites reading one input: q, k, v read norm1(h) (`qkv_adapter`); o reads proj's input (`out_adapter`).
-
-    While `stats` is set (end_task), every input passing through is added to it. While `active` is False
-    (between tasks, after the merge), the adapter adds nothing.
-    """
+    """The sites reading one input x. While `stats` is set (end_task), every x passing through is added to it;
+    while `active` is False (between tasks, after the merge), the adapter adds nothing."""
 
     def __init__(self, d: int, rank: int, scale: float, names: str):
         super().__init__()
@@ -162,25 +215,40 @@ class Adapter(nn.Module):
         self.stats: FeatureStats | None = None
         self.active = False
 
-    def forward(self, x: torch.Tensor):
+    def record(self, x: torch.Tensor) -> None:
         if self.stats is not None:
             self.stats.add(x)
-        deltas = {m: site(x) for m, site in self.sites.items()} if self.active else {}
-        if "o" in self.sites:  # the out_adapter slot takes a tensor
-            return deltas.get("o", x.new_zeros(()))
-        return deltas
+
+
+class QKVAdapter(Adapter):
+    """q, k, v (`qkv_adapter`): called on norm1(h), returns the deltas of the fused qkv's slices by name."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.record(x)
+        return {m: site(x) for m, site in self.sites.items()} if self.active else {}
+
+
+class OutAdapter(Adapter):
+    """o (`out_adapter`): called on the input of attn.proj, returns the delta of proj's output."""
+
+    def __init__(self, d: int, rank: int, scale: float):
+        super().__init__(d, rank, scale, "o")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.record(x)
+        return self.sites["o"](x) if self.active else torch.zeros_like(x)
 
 
 class CosineHead(nn.Module):
-    """logits = tau cos(f, w_c) for the classes of one task (the KeepLoRA+ head, spec §8)."""
+    """logits = tau cos(f, w_c) over the classes of one task; tau a number (fixed) or an nn.Parameter (learned)."""
 
-    def __init__(self, d: int, n: int, tau: float):
+    def __init__(self, d: int, n: int, tau: float | nn.Parameter):
         super().__init__()
         self.tau = tau
-        self.weight = nn.Parameter(torch.zeros(n, d))  # class means written in begin_task
+        self.weight = nn.Parameter(torch.zeros(n, d))  # written by the method before training
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.tau * F.normalize(f, dim=-1) @ F.normalize(self.weight, dim=-1).T  # Eq. 8
+        return self.tau * F.linear(F.normalize(f, dim=-1), F.normalize(self.weight, dim=-1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,42 +256,26 @@ class CosineHead(nn.Module):
 
 
 class KeepLoRA(nn.Module):
-    def __init__(self, vit: ViT, num_classes: int, cfg: Config):
+    def __init__(self, vit: nn.Module, num_classes: int, cfg: Config):
+        validate(cfg, vit)
         super().__init__()
-        d = vit.embed_dim
-        if not 1 <= cfg.rank <= d:
-            raise ValueError(f"rank must be between 1 and the width {d}, got {cfg.rank}")
-        if not cfg.targets or not set(cfg.targets) <= set("qkvo") or len(set(cfg.targets)) != len(cfg.targets):
-            raise ValueError(f"targets must be distinct letters among q, k, v, o, got '{cfg.targets}'")
-        for name, allowed in CHOICES.items():
-            if getattr(cfg, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got '{getattr(cfg, name)}'")
-        if not (cfg.lr > 0 and cfg.alpha > 0 and cfg.head_scale > 0):
-            raise ValueError("lr, alpha and head_scale must be positive")
-        if cfg.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
-        if not (0 <= cfg.eps_w <= 1 and 0 < cfg.eps_f <= 1):
-            raise ValueError(f"eps_w must be in [0, 1] and eps_f in (0, 1], got {cfg.eps_w} and {cfg.eps_f}")
-        if not 0 < cfg.grad_fraction <= 1:
-            raise ValueError(f"grad_fraction must be in (0, 1], got {cfg.grad_fraction}")
-        if cfg.epochs < 0 or cfg.batch_size < 1:
-            raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {cfg.epochs} and {cfg.batch_size}")
         self.cfg = cfg
         self.vit = vit
-        self.num_classes = num_classes
         for p in vit.parameters():
             p.requires_grad_(False)
-        r, s = cfg.rank, cfg.alpha / cfg.rank
+        d, r, s = vit.embed_dim, cfg.rank, cfg.alpha / cfg.rank
         qkv = "".join(m for m in "qkv" if m in cfg.targets)
         if qkv:
-            attach(vit, "qkv_adapter", lambda i, attn: Adapter(d, r, s, qkv))
+            attach(vit, "qkv_adapter", lambda i, attn: QKVAdapter(d, r, s, qkv))
         if "o" in cfg.targets:
-            attach(vit, "out_adapter", lambda i, attn: Adapter(d, r, s, "o"))
+            attach(vit, "out_adapter", lambda i, attn: OutAdapter(d, r, s))
         self.heads = nn.ModuleList()
         self.offsets: list[int] = [0]  # K_t for every grown task, then C_t
+        self.register_load_state_dict_post_hook(lambda mod, keys: mod._drop_eval_vit())
 
     # -- contract --------------------------------------------------------------------------------
     def grow(self, t: int, classes: list[int]) -> None:
+        self._drop_eval_vit()
         assert t == len(self.heads) and classes[0] == self.offsets[-1], "tasks must grow in order"
         head = CosineHead(self.vit.embed_dim, len(classes), self.cfg.head_scale)
         self.heads.append(head.to(self.vit.cls_token.device))
@@ -232,47 +284,83 @@ class KeepLoRA(nn.Module):
             h.requires_grad_(i == t)  # old heads frozen
 
     def begin_task(self, t: int, classes: list[int], data) -> None:
+        self._drop_eval_vit()
         with torch.no_grad(), torch.autocast(self.vit.cls_token.device.type, enabled=False):
             for _, _, site in self.sites():
                 site.reset()  # step 1: A, B <- 0 (they already are after a merge)
             for a in self.adapters():
                 a.active = False  # the prototypes and the gradient see the plain (merged) backbone
             if t == 0:
-                self.init_weight_bases()  # Q <- W_p, once, from the pretrained weights
-            # step 2 (K5): the head starts at the normalised class means, before the gradient is estimated
+                self.init_weight_bases()  # step 2
+            # step 3: the head starts at the normalised class means, before the gradient is estimated
             self.heads[t].weight.copy_(F.normalize(class_means(self.vit, data.plain, classes), dim=1))
-        grads = self.estimate_gradient(data.plain)  # step 3, adapters off
-        self.init_from_gradient(grads)  # steps 4-6
+        grads = self.estimate_gradient(data.plain)  # step 4, adapters off
+        self.init_from_gradient(grads)  # steps 5-6
         ks = [int(site.k) for _, _, site in self.sites()]
         ranks = [site.rank_used for _, _, site in self.sites()]
         print(f"keep_lora task {t}: protected dims {min(ks)}-{max(ks)} of {self.vit.embed_dim} "
               f"(mean {sum(ks) / len(ks):.1f}), LoRA rank {min(ranks)}-{max(ranks)} of {self.cfg.rank}")
 
     def optimizer(self, steps_per_epoch: int):
-        params = [p for p in self.parameters() if p.requires_grad]  # every B and head t (K-I12)
+        params = [p for p in self.parameters() if p.requires_grad]  # every B and head t
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.cfg.lr,  # beta_1 cycles 0.85-0.95 (K9)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.cfg.lr,  # cycles beta_1 0.85-0.95 as well
                                                     total_steps=max(1, self.cfg.epochs * steps_per_epoch))
         return opt, sched
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         K_t = self.offsets[-2]
-        return F.cross_entropy(self.head_logits(self.heads[-1], self.vit(x)), y - K_t)  # task-local CE
+        return F.cross_entropy(self.head_logits(self.heads[-1], features(self.vit, x)), y - K_t)  # step 7, (h)
 
     @torch.no_grad()
     def end_task(self, t: int, classes: list[int], data) -> None:
+        self._drop_eval_vit()
         self.merge()  # step 8
         self.heads[t].requires_grad_(False)
-        self.grow_bases(data.plain)  # steps 9-10, with the merged model
+        self.grow_bases(data.plain)  # step 9, with the merged model
         ks = [int(site.k) for _, _, site in self.sites()]
         print(f"keep_lora task {t}: bases grown to {min(ks)}-{max(ks)} of {self.vit.embed_dim} "
               f"(mean {sum(ks) / len(ks):.1f})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.vit(x)
+        vit = self.vit if self.training else self._eval_vit()  # evaluation: one forward of the folded copy
+        f = features(vit, x)
         return torch.cat([self.head_logits(h, f) for h in self.heads], dim=1)
 
     # -- helpers ---------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        self._drop_eval_vit()  # train() and eval(): the next evaluation folds the adapters as they are then
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_eval_vit()  # .to(), .double(), ...: the folded copy would keep the old device and dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    @torch.no_grad()
+    def merged_vit(self) -> nn.Module:
+        """A copy of the ViT with the active adapters' s B A folded into its weights as merge() does, (f), and
+        no adapters (between tasks they are off and add nothing: the copy is the plain merged backbone)."""
+        vit = copy.deepcopy(self.vit, {id(a): None for a in self.adapters()})  # copied without the adapters
+        for blk, own in zip(vit.blocks, self.vit.blocks):
+            for a in (own.attn.qkv_adapter, own.attn.out_adapter):
+                if a is not None and a.active:
+                    for m, site in a.sites.items():
+                        W, rows = target(blk.attn, m)
+                        W[rows] += (site.scale * site.B.double() @ site.A.double()).to(W.dtype)
+        return vit
+
+    def _eval_vit(self) -> nn.Module:
+        """merged_vit(), built by the first evaluation forward and kept until the adapters can change (train(),
+        grow, begin_task, end_task, load_state_dict, merge); held outside the module tree, so it is in no
+        state_dict() and no parameters()."""
+        vit = self.__dict__.get("_eval_cache")
+        if vit is None:
+            vit = self.__dict__["_eval_cache"] = self.merged_vit()
+        return vit
+
+    def _drop_eval_vit(self) -> None:
+        self.__dict__.pop("_eval_cache", None)
+
     def adapters(self) -> list[Adapter]:
         return [a for blk in self.vit.blocks for a in (blk.attn.qkv_adapter, blk.attn.out_adapter) if a is not None]
 
@@ -289,14 +377,14 @@ class KeepLoRA(nn.Module):
 
     @torch.no_grad()
     def init_weight_bases(self) -> None:
-        """Q <- W_p(eps_w) for every matrix (spec §4a)."""
+        """Q <- W_p(eps_w) for every matrix, (b)."""
         c = self.cfg
         for attn, m, site in self.sites():
             W, rows = target(attn, m)
             site.set_basis(weight_basis(W[rows].double(), c.eps_w, c.weight_basis_side, c.threshold_rule))
 
     def estimate_gradient(self, loader) -> dict[torch.Tensor, torch.Tensor]:
-        """Mean over the task's batches of dL/dW for every adapted weight tensor (float64), adapters off."""
+        """Mean over the task's batches of dL/dW for every adapted weight tensor (float64), adapters off, (c)."""
         device, K_t = self.vit.cls_token.device, self.offsets[-2]
         weights = [attn.qkv.weight if m in "qkv" else attn.proj.weight for attn, m, _ in self.sites()]
         weights = list({id(w): w for w in weights}.values())
@@ -307,7 +395,7 @@ class KeepLoRA(nn.Module):
         try:
             with torch.enable_grad(), torch.autocast(device.type, enabled=False):
                 for x, y in task_batches(loader, self.cfg.grad_fraction, drop_last=True):
-                    logits = self.head_logits(self.heads[-1], self.vit(x.to(device)))
+                    logits = self.head_logits(self.heads[-1], features(self.vit, x.to(device)))
                     loss = F.cross_entropy(logits, y.to(device) - K_t)
                     for s, g in zip(sums, torch.autograd.grad(loss, weights)):
                         s += g.double()
@@ -315,35 +403,35 @@ class KeepLoRA(nn.Module):
         finally:
             for w in weights:
                 w.requires_grad_(False)
-        return {w: s / max(n, 1) for w, s in zip(weights, sums)}  # Eq. 3 (mean of per-batch gradients)
+        return {w: s / max(n, 1) for w, s in zip(weights, sums)}  # the mean of the per-batch gradients
 
     @torch.no_grad()
     def init_from_gradient(self, grads: dict[torch.Tensor, torch.Tensor]) -> None:
-        """A, B_0 from the residual gradient; W shifted so that the function is unchanged (steps 4-6)."""
+        """A, B_0 from the residual gradient (d); W shifted so that the function is unchanged (e)."""
         for attn, m, site in self.sites():
             W, rows = target(attn, m)
-            G = grads[W][rows].T  # d_in x d_out, the transpose of PyTorch's weight gradient
-            A, B0, site.rank_used = residual_lora_init(G, site.basis().double(), self.cfg.rank)  # Eqs. 3-4
+            A, B0, site.rank_used = residual_lora_init(grads[W][rows], site.basis().double(), self.cfg.rank)
             site.A.copy_(A)
             if self.cfg.b0_init == "svd":
                 site.B.copy_(B0)
-                W[rows] -= (site.scale * A @ B0).T.to(W.dtype)  # Eq. 5
+                W[rows] -= (site.scale * B0 @ A).to(W.dtype)  # (e)
         for a in self.adapters():
             a.active = True
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W^T <- W^T + s A B, then A, B <- 0 and the adapters off: the function is unchanged (Eq. 6)."""
+        """W <- W + s B A, then A, B <- 0 and the adapters off: the function is unchanged, (f)."""
         for attn, m, site in self.sites():
             W, rows = target(attn, m)
-            W[rows] += (site.scale * site.A.double() @ site.B.double()).T.to(W.dtype)  # Eq. 6
+            W[rows] += (site.scale * site.B.double() @ site.A.double()).to(W.dtype)
             site.reset()
         for a in self.adapters():
             a.active = False
+        self._drop_eval_vit()
 
     @torch.no_grad()
     def grow_bases(self, loader) -> None:
-        """Collect every input site's features with the current (merged) model and grow its bases (Eq. 7)."""
+        """Collect every input site's features with the current (merged) model and grow its bases, (g)."""
         device = self.vit.cls_token.device
         adapters = self.adapters()
         for a in adapters:
@@ -351,11 +439,11 @@ class KeepLoRA(nn.Module):
         try:
             with torch.autocast(device.type, enabled=False):
                 for x, _ in task_batches(loader):
-                    self.vit(x.to(device))
+                    features(self.vit, x.to(device))
             for a in adapters:
                 C = a.stats.gram()  # q, k, v read the same input: one C for the three
                 for site in a.sites.values():
-                    site.set_basis(grow_basis(site.basis().double(), C, self.cfg.eps_f))
+                    site.set_basis(grow_basis(site.basis().double(), C, self.cfg.eps_f, self.cfg.threshold_rule))
         finally:
             for a in adapters:
                 a.stats = None
@@ -374,12 +462,18 @@ def target(attn: nn.Module, m: str) -> tuple[torch.Tensor, slice]:
     return attn.qkv.weight, qkv_rows(m, attn.proj.weight.shape[0])
 
 
+def first_basis_size(share: torch.Tensor, eps: float, rule: str) -> int:
+    """p from the cumulative energy shares (ascending, ending at 1): 'official' p = max(1, #{share < eps})
+    (model/prin_subspace.py L28-29), keeping the energy just below eps; 'paper' the smallest p with share >= eps."""
+    below = int((share < eps).sum())
+    return max(1, below) if rule == "official" else min(below + 1, len(share))
+
+
 def weight_basis(W: torch.Tensor, eps: float, side: str = "input", rule: str = "official") -> torch.Tensor:
-    """W_p (spec §4a, Eq. 2): leading singular vectors of W (d_out x d_in) holding the energy share eps.
+    """W_p, (b): leading singular vectors of W (d_out x d_in) holding the energy share eps.
 
     side 'input': right singular vectors (columns in R^{d_in}); 'output': left ones (MTIL; square W only).
-    rule 'official': p = max(1, #{j : cumulative energy of the first j < eps}) (energy just below eps);
-    'paper': the smallest p whose cumulative energy reaches eps. eps <= 1e-8 gives an empty basis.
+    eps <= 1e-8 gives an empty basis (model/prin_subspace.py L16).
     """
     d_out, d_in = W.shape
     if eps <= 1e-8:
@@ -387,36 +481,40 @@ def weight_basis(W: torch.Tensor, eps: float, side: str = "input", rule: str = "
     if side == "output" and d_out != d_in:
         raise ValueError("weight_basis_side 'output' needs a square weight")
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    share = (S**2).cumsum(0) / (S**2).sum()
-    below = int((share < eps).sum())
-    p = max(1, below) if rule == "official" else min(below + 1, len(S))
-    return (Vh.T if side == "input" else U)[:, :p]  # Eq. 2
+    p = first_basis_size((S**2).cumsum(0) / (S**2).sum(), eps, rule)
+    return (Vh.T if side == "input" else U)[:, :p]
 
 
 def residual_lora_init(G: torch.Tensor, Q: torch.Tensor, rank: int, tol: float = 1e-8):
-    """A (d_in x rank), B_0 (rank x d_out) from G_hat = G - Q Q^T G (Eqs. 3-4); returns (A, B_0, r_used).
+    """A (rank x d_in), B_0 (d_out x rank) from G_hat = G (I - Q Q^T), (c)-(d); returns (A, B_0, r_used).
 
-    Only the first r_used = min(rank, d_in - k, numerical rank of G_hat) columns of A are non-zero (K6/K13);
-    r_used = 0 if G_hat holds no more than `tol` of G's energy. A is orthonormal and orthogonal to Q.
+    G is the weight's gradient (d_out x d_in, PyTorch's layout; the official code works on its transpose) and Q
+    the protected basis (d_in x k). Only the first r_used = min(rank, d_in - k, numerical rank of G_hat) rows of
+    A are non-zero; r_used = 0 if G_hat holds no more than `tol` of G's energy. A's rows are orthonormal and
+    orthogonal to span(Q), and B_0 A is a best rank-r_used approximation of G_hat.
     """
-    d_in, d_out = G.shape
-    A, B0 = G.new_zeros(d_in, rank), G.new_zeros(rank, d_out)
-    G_hat = G - Q @ (Q.T @ G)  # Eq. 3
+    d_out, d_in = G.shape
+    A, B0 = G.new_zeros(rank, d_in), G.new_zeros(d_out, rank)
+    G_hat = G - (G @ Q) @ Q.T  # (c)
     if G_hat.square().sum() <= tol * G.square().sum() or Q.shape[1] >= d_in:
         return A, B0, 0
-    U, S, _ = torch.linalg.svd(G_hat, full_matrices=False)  # Eq. 4
+    _, S, Vh = torch.linalg.svd(G_hat, full_matrices=False)  # (d)
     r = min(rank, d_in - Q.shape[1], int((S > tol * S[0]).sum()))
-    Ur = U[:, :r]
+    V = Vh[:r].T  # the leading input-side directions, d_in x r
     for _ in range(2):  # rounding guard: no direction of span(Q) may enter A
-        Ur = Ur - Q @ (Q.T @ Ur)
-    Ur = torch.linalg.qr(Ur).Q
-    A[:, :r] = Ur
-    B0[:r] = Ur.T @ G_hat  # = diag(S[:r]) V[:, :r]^T up to the signs of A's columns
+        V = V - Q @ (Q.T @ V)
+    V = torch.linalg.qr(V).Q
+    A[:r] = V.T
+    B0[:, :r] = G_hat @ V  # = U[:, :r] diag(S[:r]) up to the signs of A's rows
     return A, B0, r
 
 
-def grow_basis(Q: torch.Tensor, C: torch.Tensor, eps: float) -> torch.Tensor:
-    """GPM growth (spec §4b, Eq. 7): Q (d x k, orthonormal) and C = R R^T (d x d) -> [Q, U_hat[:, :m]]."""
+def grow_basis(Q: torch.Tensor, C: torch.Tensor, eps: float, rule: str = "official") -> torch.Tensor:
+    """The basis growth, (g): Q (d x k, orthonormal) and C = R R^T (d x d) -> [Q, U_hat[:, :m]].
+
+    k > 0: the smallest m with c_0 + sum_{i<=m} s_hat_i^2 / E >= eps (model/prin_subspace.py L31-59).
+    k = 0 (no W_p): the first basis, sized by `rule` as W_p is (model/prin_subspace.py L20-29).
+    """
     d, k = Q.shape
     E = torch.trace(C)
     if E <= 0 or k >= d:
@@ -430,22 +528,25 @@ def grow_basis(Q: torch.Tensor, C: torch.Tensor, eps: float) -> torch.Tensor:
     lam, U = torch.linalg.eigh(C_hat)
     lam, U = lam.flip(0).clamp_min(0), U.flip(1)  # descending: s_hat_i^2 and U_hat
     reach = c0 + lam.cumsum(0) / E
-    m = int((reach < eps).sum()) + 1  # the smallest m with c0 + sum_{i<=m} s_hat_i^2 / E >= eps
+    if k == 0:
+        m = first_basis_size(reach, eps, rule)
+    else:
+        m = int((reach < eps).sum()) + 1  # the smallest m with c0 + sum_{i<=m} s_hat_i^2 / E >= eps
     m = min(m, d - k, int((lam > 1e-12 * lam[0]).sum()))
     if m <= 0:
         return Q
     new = U[:, :m]
     for _ in range(2):
         new = new - Q @ (Q.T @ new)
-    return torch.cat([Q, torch.linalg.qr(new).Q], dim=1)  # Eq. 7
+    return torch.cat([Q, torch.linalg.qr(new).Q], dim=1)
 
 
 class FeatureStats:
-    """The feature matrix of one input site over a task (spec §4c), kept as C = R R^T (d x d, float64).
+    """The feature matrix of one input site over a task, kept as C = R R^T (d x d, float64).
 
     'covariance': C = sum over every token x of x x^T.
     'official_mean': R = mean_b X_b^T / N_b, X_b the (N_b x d) token rows of batch b (MTIL's running average of
-    X_b^T); batches whose row count differs from the first are skipped (drop_last).
+    X_b^T, model/peft_modules.py L58-65); batches whose row count differs from the first are skipped (drop_last).
     """
 
     def __init__(self, mode: str):
@@ -488,13 +589,14 @@ def task_batches(loader, fraction: float = 1.0, drop_last: bool = False):
 
 @torch.no_grad()
 def class_means(encoder: nn.Module, loader, classes: list[int]) -> torch.Tensor:
-    """Mean feature of every class in `classes` (rows in that order) over one pass of `loader`."""
+    """Mean feature f(x) of every class in `classes` (rows in that order) over one pass of `loader`."""
     lo = classes[0]
     sums, counts = None, torch.zeros(len(classes), dtype=torch.float64)
     was_training = encoder.training
     encoder.eval()
+    device = next(encoder.parameters()).device
     for x, y in loader:
-        f = encoder(x.to(_device(encoder))).double().cpu()
+        f = features(encoder, x.to(device)).double().cpu()
         if sums is None:
             sums = torch.zeros(len(classes), f.shape[1], dtype=torch.float64)
         sums.index_add_(0, y - lo, f)
@@ -502,7 +604,3 @@ def class_means(encoder: nn.Module, loader, classes: list[int]) -> torch.Tensor:
     encoder.train(was_training)
     assert (counts > 0).all(), "a class of the task has no training image"
     return (sums / counts[:, None]).float()
-
-
-def _device(m: nn.Module) -> torch.device:
-    return next(m.parameters()).device

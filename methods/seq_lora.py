@@ -2,29 +2,37 @@
 
 Paper: none of its own. The "SeqLoRA" baseline of the LoRA-CIL literature (PILOT `finetune` with a LoRA
 instead of full fine-tuning; the lower bound in InfLoRA, CVPR 2024, arXiv 2404.00228, and SD-LoRA,
-ICLR 2025). Spec: ../shared/specs/baselines.md §1 (SeqLoRA), §2 (joint).
-Code followed: liangyanshuo/InfLoRA @ e08b00e for the optimiser and schedule (baselines.md §4.4, §8:
-"same optimiser as InfLoRA for comparability"); sun-hailong/LAMDA-PILOT @ 2647455 `finetune` for the
-masked (local) loss.
+ICLR 2025, arXiv 2501.13198). Joint training is the same file run with one task holding every class.
+Code followed: liangyanshuo/InfLoRA @ e08b00e for the LoRA, the optimiser and the schedule, so that the
+baseline is trained like InfLoRA; sun-hailong/LAMDA-PILOT @ 2647455 `models/finetune.py` for the masked
+(local) loss.
 
-Implements (notation of baselines.md: A = down (r x d), B = up (d x r)):
-    W_m <- W_m + B_m A_m    for m in the targets (q and v) of every block, one (A, B) shared by all tasks
-    A: Kaiming-uniform (a = sqrt 5), B: 0, no alpha/r scaling (InfLoRA lineage)
-    loss "local":  CE(h_t(f(x)), y - K_t)          (baselines.md §1 (a), the reported SeqLoRA)
-    loss "full":   CE([h_0; ...; h_t](f(x)), y)    (baselines.md §1 (b))
+Implements (A = down-projection r x d, B = up-projection d x r):
+    W_m <- W_m + B_m A_m  for m in the targets (q and v) of every block, one (A, B) shared by all tasks
+    A: Kaiming-uniform (a = sqrt 5), B: 0, no alpha/r scaling (InfLoRA models/vit_inflora.py L202-207)
+    loss "local":  CE(h_t(f(x)), y - K_t)          (PILOT models/finetune.py L137-139; InfLoRA
+                                                    methods/inflora.py L220-225); the reported SeqLoRA
+    loss "full":   CE([h_0; ...; h_t](f(x)), y)    (plain CE over every seen class)
     inference:     argmax over [h_0(f); ...; h_t(f)], no task id
-    Adam (0.9, 0.999), lr 5e-4, wd 0, batch 128, epoch-level cosine eta_e = eta_0 cos(99 pi e / (200 (E-1)))
+    Adam (0.9, 0.999), lr 5e-4, wd 0, batch 128, 20 epochs (InfLoRA configs/cifar100_inflora.json,
+    methods/inflora.py L178-180); InfLoRA's epoch cosine eta_e = eta_0 cos(99 pi max(e - 1, 0) / (200 (E - 1)))
+    for e = 0..E-1 (utils/schedulers.py L19-20, L53-54; see `inflora_cosine`)
 The LoRA is never frozen, never expanded, and trained on task after task with a new optimiser per task.
 
 Deviations:
-- Targets q and v (the issue's choice, as SD-LoRA and CL-LoRA); baselines.md allows K,V or Q,V and
-  gives K,V for the small setting. `--targets kv` gives that.
-- Heads are sized per task (InfLoRA pitfall I8), which makes uneven splits work.
+- Targets q and v by default, as SD-LoRA and CL-LoRA; InfLoRA adapts k and v: `--targets kv`.
+- Heads are sized per task (InfLoRA's heads all have init_cls rows, models/sinet_inflora.py L72-77),
+  which makes uneven splits work.
+- Evaluation runs a folded copy: `merged_vit()` writes B A into the qkv rows of a copy of the ViT, built once
+  per evaluation (`_eval_vit`), so inference costs one plain backbone forward (InfLoRA's code, which this
+  baseline follows, adds its LoRA in every forward, models/vit_inflora.py L245-249). The logits differ only by
+  float rounding; training keeps the adapter.
 
 Run: python train.py --method seq_lora --tasks 10
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -32,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import ViT, attach, qkv_rows
+from backbone import attach, features, qkv_rows
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -43,7 +51,7 @@ class Config:
     rank: int = 10
     """LoRA rank r (InfLoRA / SD-LoRA: 10)"""
     targets: str = "qv"
-    """adapted slices of the fused qkv, any of q, k, v (issue: q and v)"""
+    """adapted slices of the fused qkv, any of q, k, v (SD-LoRA, CL-LoRA: q and v; InfLoRA: k and v)"""
     loss: str = "local"
     """'local': CE on the current task's logits only (PILOT finetune); 'full': CE over all seen logits"""
     lr: float = 5e-4
@@ -58,22 +66,34 @@ class Config:
 
 CHOICES = {"loss": ("local", "full")}
 
+
+def validate(cfg: Config) -> None:
+    """Raise ValueError for a Config that cannot run."""
+    if cfg.rank < 1:
+        raise ValueError(f"--rank must be >= 1 (got {cfg.rank})")
+    if not cfg.targets or not set(cfg.targets) <= set("qkv") or len(set(cfg.targets)) != len(cfg.targets):
+        raise ValueError(f"--targets must be distinct letters of q, k, v (got {cfg.targets!r})")
+    if cfg.loss not in CHOICES["loss"]:
+        raise ValueError(f"--loss must be one of {', '.join(CHOICES['loss'])} (got {cfg.loss!r})")
+
+
 # ----------------------------------------------------------------------------------------------------
-# LoRA
+# Adapters
 
 
-class QKVLoRA(nn.Module):
-    """Delta B_m A_m x on the slices m of the fused qkv (one block)."""
+class Adapter(nn.Module):
+    """One LoRA on the slices m of one block's fused qkv: delta_m = B_m (A_m x)."""
 
     def __init__(self, d: int, rank: int, targets: str):
         super().__init__()
+        self.targets = targets
         self.A = nn.ParameterDict({m: nn.Parameter(torch.empty(rank, d)) for m in targets})  # down
         self.B = nn.ParameterDict({m: nn.Parameter(torch.zeros(d, rank)) for m in targets})  # up
         for a in self.A.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {m: F.linear(F.linear(x, self.A[m]), self.B[m]) for m in self.A}
+        return {m: F.linear(F.linear(x, self.A[m]), self.B[m]) for m in self.targets}
 
     def delta_weight(self, m: str) -> torch.Tensor:
         return self.B[m] @ self.A[m]
@@ -84,35 +104,31 @@ class QKVLoRA(nn.Module):
 
 
 class SeqLoRA(nn.Module):
-    def __init__(self, vit: ViT, num_classes: int, cfg: Config):
+    def __init__(self, vit: nn.Module, num_classes: int, cfg: Config):
         super().__init__()
-        if cfg.rank < 1:
-            raise ValueError(f"--rank must be >= 1 (got {cfg.rank})")
-        if not cfg.targets or not set(cfg.targets) <= set("qkv"):
-            raise ValueError(f"--targets must be letters of q, k, v (got {cfg.targets!r})")
-        if cfg.loss not in CHOICES["loss"]:
-            raise ValueError(f"--loss must be one of {CHOICES['loss']}")
+        validate(cfg)
         self.cfg = cfg
         self.vit = vit
-        self.num_classes = num_classes
         for p in vit.parameters():
             p.requires_grad_(False)
         d = vit.embed_dim
-        attach(vit, "qkv_adapter", lambda i, attn: QKVLoRA(d, cfg.rank, cfg.targets))
+        attach(vit, "qkv_adapter", lambda i, attn: Adapter(d, cfg.rank, cfg.targets))
         self.heads = nn.ModuleList()
         self.offsets: list[int] = [0]  # K_t for every grown task, then C_t
+        self.register_load_state_dict_post_hook(lambda mod, keys: mod._drop_eval_vit())
 
     # -- contract --------------------------------------------------------------------------------
     def grow(self, t: int, classes: list[int]) -> None:
+        self._drop_eval_vit()
         assert t == len(self.heads) and classes[0] == self.offsets[-1], "tasks must grow in order"
         device = self.vit.cls_token.device
         self.heads.append(nn.Linear(self.vit.embed_dim, len(classes)).to(device))
         self.offsets.append(self.offsets[-1] + len(classes))
-        for i, h in enumerate(self.heads):
-            h.requires_grad_(i == t)
+        for s, h in enumerate(self.heads):
+            h.requires_grad_(s == t)
 
     def begin_task(self, t: int, classes: list[int], data) -> None:
-        pass
+        self._drop_eval_vit()
 
     def optimizer(self, steps_per_epoch: int):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -121,34 +137,68 @@ class SeqLoRA(nn.Module):
         return opt, sched
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        f = self.vit(x)
+        f = features(self.vit, x)
+        K_t = self.offsets[-2]
         if self.cfg.loss == "local":
-            K_t = self.offsets[-2]
             return F.cross_entropy(self.heads[-1](f), y - K_t)
         return F.cross_entropy(self.logits(f), y)
 
     def end_task(self, t: int, classes: list[int], data) -> None:
-        pass
+        self._drop_eval_vit()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.vit(x))
+        vit = self.vit if self.training else self._eval_vit()  # evaluation: one forward of the folded copy
+        return self.logits(features(vit, x))
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
-    def loras(self) -> list[QKVLoRA]:
-        return [blk.attn.qkv_adapter for blk in self.vit.blocks]
+    def adapters(self) -> list[Adapter]:
+        """The per-block adapters, registered once: under vit.blocks.{i}.attn.qkv_adapter."""
+        return [blk.attn.qkv_adapter for blk in self.vit.blocks if blk.attn.qkv_adapter is not None]
 
     def logits(self, f: torch.Tensor) -> torch.Tensor:
         return torch.cat([h(f) for h in self.heads], dim=1)
 
+    def train(self, mode: bool = True):
+        self._drop_eval_vit()  # train() and eval(): the next evaluation folds the adapters as they are then
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_eval_vit()  # .to(), .double(), ...: the folded copy would keep the old device and dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    @torch.no_grad()
+    def merged_vit(self) -> nn.Module:
+        """A copy of the ViT with every adapter's delta folded into its qkv rows, and no adapters."""
+        vit = copy.deepcopy(self.vit, {id(ad): None for ad in self.adapters})  # copied without the adapters
+        d = vit.embed_dim
+        for blk, ad in zip(vit.blocks, self.adapters):
+            for m in ad.targets:
+                blk.attn.qkv.weight[qkv_rows(m, d)] += ad.delta_weight(m)
+        return vit
+
+    def _eval_vit(self) -> nn.Module:
+        """merged_vit(), built by the first evaluation forward and kept until the adapters can change (train(),
+        grow, begin_task, end_task, load_state_dict, merge); held outside the module tree, so it is in no
+        state_dict() and no parameters()."""
+        vit = self.__dict__.get("_eval_cache")
+        if vit is None:
+            vit = self.__dict__["_eval_cache"] = self.merged_vit()
+        return vit
+
+    def _drop_eval_vit(self) -> None:
+        self.__dict__.pop("_eval_cache", None)
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold B A into the qkv weights and zero B: the function is unchanged, the adapter becomes a no-op."""
+        """Fold B A into the qkv weights and zero every B: the function is unchanged."""
+        self._drop_eval_vit()
         d = self.vit.embed_dim
-        for blk, lora in zip(self.vit.blocks, self.loras):
-            for m in lora.A:
-                blk.attn.qkv.weight[qkv_rows(m, d)] += lora.delta_weight(m)
-                lora.B[m].zero_()
+        for blk, ad in zip(self.vit.blocks, self.adapters):
+            for m in ad.targets:
+                blk.attn.qkv.weight[qkv_rows(m, d)] += ad.delta_weight(m)
+            for b in ad.B.values():
+                b.zero_()
 
 
 Method = SeqLoRA
@@ -158,8 +208,13 @@ Method = SeqLoRA
 
 
 def inflora_cosine(epochs: int, steps_per_epoch: int):
-    """InfLoRA's epoch-level cosine, as a per-step multiplier: cos(99 pi e / (200 (E - 1))), e = epoch."""
+    """InfLoRA's epoch cosine as a per-step multiplier: epoch e trains at cos(99 pi max(e - 1, 0) / (200 (E - 1))).
+
+    The official CosineSchedule (utils/schedulers.py L19-20 and L53-54, the same file in InfLoRA @ e08b00e and
+    SR-2-LoRA @ ea5da65) steps once in its constructor and then resets last_epoch, so its first per-epoch step
+    returns the base rate again: epochs 0 and 1 both train at the base rate.
+    """
     def factor(step: int) -> float:
-        e = step // max(steps_per_epoch, 1)
-        return 1.0 if epochs <= 1 else math.cos(99 * math.pi * min(e, epochs - 1) / (200 * (epochs - 1)))
+        e = min(step // max(steps_per_epoch, 1), epochs - 1)
+        return 1.0 if epochs <= 1 else math.cos(99 * math.pi * max(e - 1, 0) / (200 * (epochs - 1)))
     return factor

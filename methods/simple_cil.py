@@ -2,12 +2,14 @@
 
 Paper: Zhou, Cai, Ye, Zhan, Liu, "Revisiting Class-Incremental Learning with Pre-Trained Models:
 Generalizability and Adaptivity are All You Need", IJCV 2024, arXiv 2303.07338.
-Official code: zhoudw-zdw/RevisitingCIL; followed: sun-hailong/LAMDA-PILOT @ 2647455 `simplecil`.
-Spec: ../shared/specs/baselines.md §3.
+Official code: zhoudw-zdw/RevisitingCIL; followed: sun-hailong/LAMDA-PILOT @ 2647455 (`models/simplecil.py`,
+`utils/inc_net.py` SimpleVitNet, `backbone/linears.py` CosineLinear; line numbers at that commit).
 
 Implements:
-    p_c = mean of f(x) over class c's training images with test transforms   (after the task of c)
-    logit_c(x) = sigma * cos(f(x), p_c), sigma = 1 (untrained)
+    p_c = mean of f(x) over class c's training images with test transforms, after the task of c
+        (models/simplecil.py L27-50, the loader of L66-67 uses mode="test")
+    logit_c(x) = sigma * cos(f(x), p_c), sigma = 1, untrained (backbone/linears.py L51-65; SimpleVitNet's
+        fc is a CosineLinear, utils/inc_net.py L570-572)
 No training at all: the backbone stays bit-identical and old prototypes never change.
 
 Deviations: none.
@@ -22,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import ViT
+from backbone import features
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -42,13 +44,21 @@ class Config:
 
 CHOICES: dict = {}
 
+
+def validate(cfg: Config) -> None:
+    """Raise ValueError for a Config that cannot run."""
+    if not cfg.sigma > 0:
+        raise ValueError(f"--sigma must be > 0 (got {cfg.sigma})")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Method
 
 
 class SimpleCIL(nn.Module):
-    def __init__(self, vit: ViT, num_classes: int, cfg: Config):
+    def __init__(self, vit: nn.Module, num_classes: int, cfg: Config):
         super().__init__()
+        validate(cfg)
         self.cfg = cfg
         self.vit = vit
         for p in vit.parameters():
@@ -76,7 +86,8 @@ class SimpleCIL(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.protos[: int(self.n_seen)]
-        return self.cfg.sigma * F.normalize(self.vit(x).float(), dim=1) @ F.normalize(p, dim=1).T
+        f = features(self.vit, x).float()
+        return self.cfg.sigma * F.linear(F.normalize(f, dim=1), F.normalize(p, dim=1))
 
 
 Method = SimpleCIL
@@ -87,13 +98,14 @@ Method = SimpleCIL
 
 @torch.no_grad()
 def class_means(encoder: nn.Module, loader, classes: list[int]) -> torch.Tensor:
-    """Mean feature of every class in `classes` (rows in that order) over one pass of `loader`."""
+    """Mean feature f(x) of every class in `classes` (rows in that order) over one pass of `loader`."""
     lo = classes[0]
     sums, counts = None, torch.zeros(len(classes), dtype=torch.float64)
     was_training = encoder.training
     encoder.eval()
+    device = next(encoder.parameters()).device
     for x, y in loader:
-        f = encoder(x.to(_device(encoder))).double().cpu()
+        f = features(encoder, x.to(device)).double().cpu()
         if sums is None:
             sums = torch.zeros(len(classes), f.shape[1], dtype=torch.float64)
         sums.index_add_(0, y - lo, f)
@@ -101,7 +113,3 @@ def class_means(encoder: nn.Module, loader, classes: list[int]) -> torch.Tensor:
     encoder.train(was_training)
     assert (counts > 0).all(), "a class of the task has no training image"
     return (sums / counts[:, None]).float()
-
-
-def _device(m: nn.Module) -> torch.device:
-    return next(m.parameters()).device

@@ -2,62 +2,84 @@
 
 Paper: Wan, Lin, Lv, Yang, "SR²-LoRA: Self-Rectifying Inter-layer Relations in Low-Rank Adaptation for
 Class-Incremental Learning", preprint (venue not confirmed), arXiv 2605.07420.
-Official code: FqWan24/SR-2-LoRA @ ea5da65 (a fork of InfLoRA; the method is registered there as `dlora`:
-methods/dlora.py, models/sinet_dlora.py, utils/losses.py). The paper's full text was not available, so every
-detail follows the official code. Spec: ../shared/specs/sr2_lora.md; classifier alignment: protocol.md §8,
-preset `sr2`.
+Official code: FqWan24/SR-2-LoRA @ ea5da65, a fork of InfLoRA (liangyanshuo/InfLoRA @ e08b00e); the method is
+registered there as `dlora`. The paper's full text was not available when this file was written, so every detail
+follows the official code, cited as file and line at ea5da65 (dlora = methods/dlora.py, sinet =
+models/sinet_dlora.py, vit = models/vit_dlora.py).
 
-Implements (notation of the spec: A = down (r x d), B = up (d x r); t = current task, 0-indexed):
-    W_m^(t) = W_m + sum_{s<=t} B_s^m A_s^m,  m in {k, v}, every block; no alpha/r     # Eq. (base, spec §4)
-        A_s Kaiming-uniform (a = sqrt 5), B_s = 0; only A_t, B_t and the head h_t train
-    phi_l(x) = [LN_final(X^(l))]_CLS,  F(x) = [phi_1; ...; phi_L] in R^{L x d}      # spec §5 steps 1-4
-    R(x) = sym(F(x) F(x)^T) in R^{L x L}, one per sample, raw Gram                  # spec §5 steps 5-6
-    L_SR = 1/(B L) sum_b sum_i h_beta(lambda_i(R_t(x_b)) - sg[lambda_i(R_{t-1}(x_b))])   # spec §6
-        lambda sorted ascending, h_beta = smooth-L1 (beta = 1); previous model = branches s <= t-1
-    L = CE(h_t(f_t(x)), y - K_t) + lambda_SR L_SR   (t > 0; CE only at t = 0)       # spec §6 objective
-    after task t: mu_c, Sigma_c = cov(f(x)) for the task's classes (train images, test transforms)
+Implements (A = down (r x d), B = up (d x r); t = current task, 0-indexed):
+    W_m^(t) = W_m + sum_{s<=t} B_s^m A_s^m,  m in {k, v}, every block; no alpha/r          vit L257-291
+        A_s Kaiming-uniform (a = sqrt 5), B_s = 0; only A_t, B_t and h_t train      vit L235-243, dlora L227-250
+    phi_l(x) = [LN_final(X^(l))]_CLS,  F(x) = [phi_1; ...; phi_L] in R^{L x d}             sinet L30-36
+    R(x) = sym(F(x) F(x)^T) in R^{L x L}, one per sample, raw Gram                   dlora L311-315, L492-495
+    L_SR = 1/(B L) sum_b sum_i h_beta(lambda_i(R_t(x_b)) - sg[lambda_i(R_{t-1}(x_b))])     dlora L496-498
+        lambda ascending (eigvalsh), h_beta = smooth-L1 (beta = 1);
+        the previous model is the same network with the branches s <= t-1              sinet L123-126
+    L = CE(h_t(f_t(x)), y - K_t) + lambda_SR L_SR   (t > 0; CE only at t = 0)               dlora L300-318
+    after task t: mu_c, Sigma_c = cov(f(x)) per class of the task (train images, test transforms)  dlora L380-408
     if t >= 1, classifier alignment of all heads h_0..h_t on Gaussian replay N(mu_c, Sigma_c + 1e-2 I):
-        loss = mean_x H(softmax(z)) + CE(z / (0.1 (||z||_2 + 1e-7)), y),  z = [h_0; ...; h_t](x~)  # spec §8
-    inference: argmax over [h_0(f); ...; h_t(f)] with every branch active, no task id
-Defaults: rank 10 [INFER from the rank ablation scripts], lambda_SR = 1 and beta = 1 [CODE], K and V of every
-block [CODE]; optimiser Adam (0.9, 0.999), lr 5e-4, wd 0, batch 128, InfLoRA epoch cosine, 20 epochs per task
-(InfLoRA CIFAR-100 config; SR²'s configs are not released) [ASSUMED]; CA: 20 epochs, SGD lr 0.005, momentum 0.9,
-CosineAnnealingLR(T_max = 5), 5 x batch samples per class, shrinkage 1e-2, tau 0.1 [CODE].
+        loss = mean_x H(softmax(z)) + CE(z / (0.1 (||z||_2 + 1e-7)), y),  z = [h_0; ...; h_t](x~)
+                                                      dlora L218-221, L410-488; utils/losses.py L55-63
+    inference: argmax over [h_0(f); ...; h_t(f)] with every branch active, no task id      sinet L140-150
+        (here every branch folded into the weights of one copy of the ViT, see Deviations)
+Defaults: rank 10 (scripts/train_cifar100.sh L11-14 run the rank ablations 1, 5, 20, 64 beside the default
+configs; InfLoRA's configs/cifar100_inflora.json L28 uses 10), lambda_SR = 1 and beta = 1 (dlora L316-318: no
+coefficient, PyTorch's smooth-L1 default), K and V of every block (vit L187); optimiser Adam (0.9, 0.999) with
+InfLoRA's epoch cosine (dlora L276-278, L329), lr 5e-4, wd 0, batch 128, 20 epochs per task (InfLoRA's
+configs/cifar100_inflora.json L18-27 @ e08b00e; SR²'s configs are not released); CA: 20 epochs, SGD lr 0.005,
+momentum 0.9, CosineAnnealingLR(T_max = 5), 5 x batch samples per class, shrinkage 1e-2, tau 0.1
+(dlora L407-408, L416-430; utils/losses.py L56).
 
-Fixed (defects of the released code, spec §11, not replicated):
-- `dlora` crashes on its own training path: class means/covariances live in empty Python lists written by class
-  index. Here they are preallocated fixed-shape buffers (num_classes x d, num_classes x d x d), which also lets
-  grow() rebuild the structure on --resume.
-- The previous-model forward ran with autograd on (only its eigenvalues were detached); here it runs under
-  no_grad (same gradients, half the activation memory).
-- Heads and task-id decoding assumed equal task sizes (K = init_cls); here each head has its task's own size.
+Fixed (defects of the released code, not replicated):
+- `dlora` crashes on its own training path: the class means and covariances live in empty Python lists
+  (dlora L40-41) written by class index (dlora L404, L407). Here they are preallocated fixed-shape buffers
+  (num_classes x d, num_classes x d x d), which also lets grow() rebuild the structure on --resume.
+- The previous-model forward runs with autograd on (sinet L124; only its eigenvalues are detached, dlora L497);
+  here it runs under no_grad (same gradients, half the activation memory).
+- Heads and task-id decoding assume equal task sizes (sinet L81-86: every head has init_cls outputs;
+  dlora L356-371); here each head has its task's own size.
 
 Deviations:
 - Classifier-alignment weight decay: the code builds SGD with weight_decay=5e-4, but its single param group sets
-  'weight_decay': args['weight_decay'] (the training wd, 0 in the InfLoRA config), which overrides it. The
-  effective value is the training wd, so `ca_weight_decay` defaults to 0.0; protocol.md §8 / the spec's 5e-4 is
+  'weight_decay': args['weight_decay'] (the training wd, 0 in the InfLoRA config), which overrides it
+  (dlora L418-420). The effective value is the training wd, so `ca_weight_decay` defaults to 0.0; SLCA's 5e-4 is
   one flag away (--ca-weight-decay 5e-4).
-- The code's CA optimiser also holds the (unused) heads of future tasks; here only the heads of seen tasks.
+- Cost that does not grow with the tasks, the same function up to float rounding. The code forms the dense
+  sum_{s<=t} B_s^m A_s^m of every branch in every forward: training, the previous model and inference
+  (vit L257-267, L276-291; sinet L119, L124, L141). Here evaluation runs a folded copy: `merged_vit()` writes
+  every branch's B_s^m A_s^m into the qkv rows of a copy of the ViT, built once per evaluation (`_eval_vit`):
+  one plain backbone forward. In training, the frozen branches s < t enter as one product (x A_cat^T) B_cat^T
+  per target, A_cat the R x d concatenation of their A_s^m (R = t r), or as their dense sum_s B_s^m A_s^m where
+  that costs fewer multiply-adds per token (2 R >= d), rebuilt by `stack_frozen` at grow, merge and
+  load_state_dict; the current branch t runs as B_t (A_t x), and the previous model (branches s <= t-1) is
+  the stacked product alone. `merge()` folds every branch into W in place when wanted.
+- The code's CA optimiser also holds the (unused) heads of future tasks (dlora L419, sinet L83-86); here only
+  the heads of seen tasks.
 - The relation loss runs in float32 with autocast off (eigen-solvers have no bf16 kernels). Spectra come from
   eigvalsh of the symmetrised Gram, as in the code (batched L x L solves), with the current and the previous
   model's matrices in ONE solver call: a values-only solve and a with-vectors solve round differently, and
   the loss must be exactly 0 when the two models agree (first step of a task).
 - Gaussian replay draws x = mu + L eps with L = cholesky(Sigma + 1e-2 I) computed once per alignment
-  (float64), instead of a MultivariateNormal per class per epoch: the same distribution, a different RNG stream.
-  Means are stored in float64 (protocol.md §8), covariances in float32 (half the checkpoint size).
-- One learning rate / epoch count for every task (the code's task-0 `init_*` keys come from the missing configs).
-- Ablations the spec asks for are options, not separate methods: --relation batch | cosine | feature_all
-  (`alora`) | feature_last (`llora`), and --sr-weight 0 (`vanilla`, which however keeps SR²'s CA loss).
-- --train-logit-norm 0.1 gives the code's ImageNet-A logit-normalised CE (keyed on the dataset name there).
-- --ca ce replaces the alignment loss by plain CE (the official `vanilla` base's alignment, SLCA's loss); the
-  default stays SR²'s. On the `cpu` preset (a weak CIFAR-10 ViT) SR²'s entropy term collapses the heads: after
-  task 7 the aligned heads classify their own Gaussian replay at 7.7 % (plain CE from the same heads: 26.3 %)
-  and send 67 % of the test images to the second task's head (bench/sr2_ca_probe.py, bench/README.md).
+  (float64), instead of a MultivariateNormal per class per epoch (dlora L432-439): the same distribution, a
+  different RNG stream. Means are stored in float64, covariances in float32 (half the checkpoint size).
+- One learning rate / epoch count for every task (the code's task-0 `init_*` keys, dlora L261-271, come from
+  the missing configs).
+- The official repository's ablations are options, not separate methods: --relation batch (dlora L500-511,
+  unused there) | cosine | feature_all (`alora`, methods/alora.py L201-215) | feature_last (`llora`,
+  methods/llora.py L201-205), and --sr-weight 0 (`vanilla`, which however keeps SR²'s CA loss).
+- --train-logit-norm 0.1 gives the code's ImageNet-A logit-normalised CE (dlora L305-306, keyed on the dataset
+  name there).
+- --ca ce replaces the alignment loss by plain CE (the `vanilla` base's alignment, methods/vanilla.py L336;
+  SLCA's loss); the default stays SR²'s. On the `cpu` preset (a weak CIFAR-10 ViT) SR²'s entropy term collapses
+  the heads: after task 7 the aligned heads classify their own Gaussian replay at 7.7 % (plain CE from the same
+  heads: 26.3 %) and send 67 % of the test images to the second task's head (bench/sr2_ca_probe.py,
+  bench/README.md).
 
 Run: python train.py --method sr2_lora --tasks 10
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -65,7 +87,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import ViT, attach, qkv_rows
+from backbone import attach, block_cls, features, qkv_rows
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -82,10 +104,10 @@ class Config:
     sr_beta: float = 1.0
     """beta of the smooth-L1 on the eigenvalue differences (official code: PyTorch's default 1)"""
     sr_width_norm: str = "off"
-    """'on' multiplies lambda_SR by 768 / d, so a narrower backbone gets ViT-B's relative strength (spec §17)"""
+    """'on' multiplies lambda_SR by 768 / d, so a narrower backbone gets ViT-B's relative strength (not official)"""
     relation: str = "spectral"
-    """'spectral' (SR²), or the spec's ablations: 'batch' (spectrum of the batch-mean R), 'cosine' (rows
-    l2-normalised), 'feature_all' (`alora`: feature MSE over all layers), 'feature_last' (`llora`)"""
+    """'spectral' (SR²), or an ablation: 'batch' (spectrum of the batch-mean R), 'cosine' (rows l2-normalised),
+    'feature_all' (`alora`: feature MSE over all layers), 'feature_last' (`llora`: the last layer only)"""
     train_logit_norm: float = 0.0
     """tau of the logit-normalised training CE, CE(z / (tau ||z||)); 0 = plain CE (the code uses 0.1 on ImageNet-A)"""
     optim: str = "adam"
@@ -113,15 +135,37 @@ class Config:
     """shrinkage delta added to every class covariance, Sigma_c + delta I (official code: 1e-2)"""
     ca_samples: int = 0
     """Gaussian samples per class per alignment epoch; 0 = 5 x batch_size (official code: 640 at batch 128)"""
-    ca_tau: float = 0.1
-    """temperature of the alignment's logit-normalised CE (official code: 0.1)"""
+    ca_logit_norm: float = 0.1
+    """temperature tau of the alignment's logit normalisation z / (tau ||z||) (official code: 0.1)"""
 
 
 CHOICES = {"sr_width_norm": ("off", "on"), "relation": ("spectral", "batch", "cosine", "feature_all", "feature_last"),
            "optim": ("adam", "sgd"), "ca": ("sr2", "ce", "none")}
 
+
+def validate(cfg: Config) -> None:
+    """Raise ValueError for a Config that cannot run."""
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
+                             f"(got {getattr(cfg, name)!r})")
+    if not cfg.targets or not set(cfg.targets) <= set("qkv") or len(set(cfg.targets)) != len(cfg.targets):
+        raise ValueError(f"--targets must be distinct letters of q, k, v (got {cfg.targets!r})")
+    for name, ok, rule in (("rank", cfg.rank >= 1, ">= 1"), ("sr_weight", cfg.sr_weight >= 0, ">= 0"),
+                           ("sr_beta", cfg.sr_beta > 0, "> 0"),
+                           ("train_logit_norm", cfg.train_logit_norm >= 0, ">= 0"), ("lr", cfg.lr > 0, "> 0"),
+                           ("weight_decay", cfg.weight_decay >= 0, ">= 0"), ("epochs", cfg.epochs >= 1, ">= 1"),
+                           ("batch_size", cfg.batch_size >= 1, ">= 1"), ("ca_epochs", cfg.ca_epochs >= 0, ">= 0"),
+                           ("ca_lr", cfg.ca_lr > 0, "> 0"), ("ca_weight_decay", cfg.ca_weight_decay >= 0, ">= 0"),
+                           ("ca_tmax", cfg.ca_tmax >= 1, ">= 1"), ("ca_shrink", cfg.ca_shrink >= 0, ">= 0"),
+                           ("ca_samples", cfg.ca_samples >= 0, ">= 0"),
+                           ("ca_logit_norm", cfg.ca_logit_norm > 0, "> 0")):
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {rule} (got {getattr(cfg, name)})")
+
+
 # ----------------------------------------------------------------------------------------------------
-# LoRA
+# Adapters
 
 
 class QKVLoRA(nn.Module):
@@ -132,7 +176,7 @@ class QKVLoRA(nn.Module):
         self.A = nn.ParameterDict({m: nn.Parameter(torch.empty(rank, d)) for m in targets})  # down
         self.B = nn.ParameterDict({m: nn.Parameter(torch.zeros(d, rank)) for m in targets})  # up
         for a in self.A.values():
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # vit L235-243
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {m: F.linear(F.linear(x, self.A[m]), self.B[m]) for m in self.A}
@@ -142,27 +186,57 @@ class QKVLoRA(nn.Module):
 
 
 class TaskLoRA(nn.Module):
-    """All tasks' branches of one block; the forward sums the first `active` of them (spec §4).
+    """All tasks' branches of one block (the qkv_adapter): the frozen branches 0..frozen-1 as one stacked product
+    (`stack_frozen`), then, while `current` is set, the branches from `frozen` on (the current one) by themselves.
 
-    The branches are summed one by one, so a branch whose B is 0 adds exact zeros: at the first step of a task
-    the current and the previous model agree bit for bit.
+    The previous model is the same forward with `current` off: both add the same stacked product, and a branch
+    whose B is 0 adds exact zeros, so at the first step of a task the two models agree bit for bit.
     """
 
     def __init__(self, d: int, rank: int, targets: str):
         super().__init__()
         self.d, self.rank, self.targets = d, rank, targets
         self.branches = nn.ModuleList()
-        self.active = 0  # how many branches the forward sums; set by the method, not saved
+        # the frozen branches 0..frozen-1, rebuilt by stack_frozen, never stored: per target A_cat (|targets|, R, d)
+        # and B_cat (|targets|, d, R), or A_cat None and their dense delta (|targets|, d, d)
+        self.register_buffer("stack_A", None, persistent=False)
+        self.register_buffer("stack_B", None, persistent=False)
+        self.frozen = 0
+        self.current = True  # whether the forward adds the branches from `frozen` on; set by the method, not saved
 
     def grow(self, device: torch.device) -> None:
         self.branches.append(QKVLoRA(self.d, self.rank, self.targets).to(device))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for branch in self.branches[: self.active]:  # Eq. W^(t) = W + sum_{s<=t} B_s A_s
-            for m, delta in branch(x).items():
-                out[m] = out[m] + delta if m in out else delta
-        return out
+        # W^(t) = W + sum_{s<t} B_s A_s + B_t A_t (vit L257-267)
+        delta: dict[str, torch.Tensor] = {}
+        if self.stack_B is not None:  # the frozen branches: one low-rank product or one dense delta per target
+            for i, m in enumerate(self.targets):
+                h = x if self.stack_A is None else F.linear(x, self.stack_A[i])
+                delta[m] = F.linear(h, self.stack_B[i])
+        current = self.branches[self.frozen:] if self.current else []
+        for branch in current:  # the current branch (every branch if none is stacked)
+            for m, d_m in branch(x).items():
+                delta[m] = delta[m] + d_m if m in delta else d_m
+        return delta
+
+    @torch.no_grad()
+    def stack_frozen(self, n: int) -> None:
+        """Enter branches 0..n-1 as one product (x A_cat^T) B_cat^T per target, or as their dense sum_s B_s A_s where
+        that is cheaper per token: R (d + d) >= d d multiply-adds, R = n r (every target has its own A_s)."""
+        self.frozen = n
+        if n == 0:
+            self.stack_A = self.stack_B = None
+            return
+        A = torch.stack([torch.cat([self.branches[s].A[m] for s in range(n)]) for m in self.targets])
+        B = torch.stack([torch.cat([self.branches[s].B[m] for s in range(n)], dim=1) for m in self.targets])
+        if 2 * A.shape[1] >= self.d:
+            self.stack_A, self.stack_B = None, B @ A
+        else:
+            self.stack_A, self.stack_B = A, B
+
+    def delta_weight(self, m: str) -> torch.Tensor:
+        return sum(branch.delta_weight(m) for branch in self.branches)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,29 +244,11 @@ class TaskLoRA(nn.Module):
 
 
 class SR2LoRA(nn.Module):
-    def __init__(self, vit: ViT, num_classes: int, cfg: Config):
+    def __init__(self, vit: nn.Module, num_classes: int, cfg: Config):
+        validate(cfg)
         super().__init__()
-        if cfg.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {cfg.rank}")
-        if not cfg.targets or not set(cfg.targets) <= set("qkv") or len(set(cfg.targets)) != len(cfg.targets):
-            raise ValueError(f"targets must be distinct letters of 'qkv', got '{cfg.targets}'")
-        for name in ("sr_weight", "weight_decay", "ca_weight_decay", "ca_shrink", "ca_samples", "train_logit_norm"):
-            if getattr(cfg, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-        for name in ("sr_beta", "lr", "ca_lr", "ca_tau"):
-            if not getattr(cfg, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
-        for name in ("epochs", "batch_size", "ca_tmax"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-        if cfg.ca_epochs < 0:
-            raise ValueError(f"ca_epochs must be >= 0, got {cfg.ca_epochs}")
-        for field, allowed in CHOICES.items():
-            if getattr(cfg, field) not in allowed:
-                raise ValueError(f"{field} must be one of {', '.join(allowed)}, got '{getattr(cfg, field)}'")
         self.cfg = cfg
         self.vit = vit
-        self.num_classes = num_classes
         for p in vit.parameters():
             p.requires_grad_(False)
         d = vit.embed_dim
@@ -201,30 +257,32 @@ class SR2LoRA(nn.Module):
         self.offsets: list[int] = [0]  # K_t for every grown task, then C_t
         self.sr_weight = cfg.sr_weight * (768 / d if cfg.sr_width_norm == "on" else 1.0)
         # Class statistics for classifier alignment, fixed shapes so that a checkpoint loads after grow() alone.
-        self.register_buffer("means", torch.zeros(num_classes, d, dtype=torch.float64))
-        self.register_buffer("covs", torch.zeros(num_classes, d, d))
+        self.register_buffer("ca_mean", torch.zeros(num_classes, d, dtype=torch.float64))
+        self.register_buffer("ca_cov", torch.zeros(num_classes, d, d))
+        self.register_load_state_dict_post_hook(lambda mod, keys: mod.stack_frozen())
 
     # -- contract --------------------------------------------------------------------------------
     def grow(self, t: int, classes: list[int]) -> None:
+        self._drop_eval_vit()
         assert t == len(self.heads) and classes[0] == self.offsets[-1], "tasks must grow in order"
         device = self.vit.cls_token.device
         self.heads.append(nn.Linear(self.vit.embed_dim, len(classes)).to(device))
         self.offsets.append(self.offsets[-1] + len(classes))
-        for lora in self.loras:
-            lora.grow(device)
-        for s, (head, *branches) in enumerate(zip(self.heads, *(lora.branches for lora in self.loras))):
+        for ad in self.adapters:
+            ad.grow(device)
+        for s, (head, *branches) in enumerate(zip(self.heads, *(ad.branches for ad in self.adapters))):
             for m in [head, *branches]:
-                m.requires_grad_(s == t)  # only A_t, B_t and h_t train (spec §4)
+                m.requires_grad_(s == t)  # only A_t, B_t and h_t train (dlora L227-250)
                 if s < t:
                     m.zero_grad(set_to_none=True)  # no stale gradients on frozen tensors
-        self.set_active(t + 1)
+        self.stack_frozen()  # branches s < t are frozen
 
     def begin_task(self, t: int, classes: list[int], data) -> None:
-        pass
+        self._drop_eval_vit()
 
     def optimizer(self, steps_per_epoch: int):
         params = [p for p in self.parameters() if p.requires_grad]
-        if self.cfg.optim == "sgd":
+        if self.cfg.optim == "sgd":  # dlora L273-275
             opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=0.9, weight_decay=self.cfg.weight_decay)
             return opt, torch.optim.lr_scheduler.LambdaLR(opt, epoch_cosine(self.cfg.epochs, steps_per_epoch))
         opt = torch.optim.Adam(params, lr=self.cfg.lr, betas=(0.9, 0.999), weight_decay=self.cfg.weight_decay)
@@ -232,92 +290,132 @@ class SR2LoRA(nn.Module):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = len(self.heads) - 1
-        feats = self.vit.block_cls(x)  # (B, L, d), F_t(x); feats[:, -1] is f(x)
+        feats = block_cls(self.vit, x)  # (B, L, d), F_t(x); feats[:, -1] is f(x)
         z = self.heads[-1](feats[:, -1])
-        if self.cfg.train_logit_norm > 0:
+        if self.cfg.train_logit_norm > 0:  # dlora L305-306
             z = z / (self.cfg.train_logit_norm * (z.norm(dim=-1, keepdim=True) + 1e-7))
-        loss = F.cross_entropy(z, y - self.offsets[-2])  # Eq. CE(h_t(f_t(x)), y - K_t)
-        if t > 0 and self.sr_weight > 0:
+        loss = F.cross_entropy(z, y - self.offsets[-2])  # CE(h_t(f_t(x)), y - K_t), dlora L300-308
+        if t > 0 and self.sr_weight > 0:  # + lambda_SR L_SR (dlora L311-318)
             old = self.previous_block_cls(x)  # F_{t-1}(x), no graph
-            loss = loss + self.sr_weight * relation_loss(feats, old, self.cfg.relation, self.cfg.sr_beta)  # Eq. L_SR
+            loss = loss + self.sr_weight * relation_loss(feats, old, self.cfg.relation, self.cfg.sr_beta)
         return loss
 
     @torch.no_grad()
     def end_task(self, t: int, classes: list[int], data) -> None:
-        if self.cfg.ca == "none":
-            return
-        mu, cov = class_statistics(self.vit, data.plain, classes)
-        self.means[classes] = mu
-        self.covs[classes] = cov
-        if t >= 1:
-            self.align_classifiers()
+        self._drop_eval_vit()
+        if self.cfg.ca != "none":  # dlora L218-221
+            mean, cov = class_statistics(self.vit, data.plain, classes)
+            self.ca_mean[classes] = mean
+            self.ca_cov[classes] = cov.float()
+            if t >= 1:
+                self.align_heads(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.vit(x))
+        vit = self.vit if self.training else self._eval_vit()  # evaluation: one forward of the folded copy
+        return self.logits(features(vit, x))
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
-    def loras(self) -> list[TaskLoRA]:
+    def adapters(self) -> list[TaskLoRA]:
+        """The per-block adapters, registered once: under vit.blocks.{i}.attn.qkv_adapter."""
         return [blk.attn.qkv_adapter for blk in self.vit.blocks]
 
     def logits(self, f: torch.Tensor) -> torch.Tensor:
         return torch.cat([h(f) for h in self.heads], dim=1)
 
-    def set_active(self, n: int) -> None:
-        """Make every block's forward sum the branches s < n."""
-        for lora in self.loras:
-            lora.active = n
+    def train(self, mode: bool = True):
+        self._drop_eval_vit()  # train() and eval(): the next evaluation folds the adapters as they are then
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_eval_vit()  # .to(), .double(), ...: the folded copy would keep the old device and dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    @torch.no_grad()
+    def merged_vit(self) -> nn.Module:
+        """A copy of the ViT with every adapter's delta folded into its qkv rows, and no adapters."""
+        vit = copy.deepcopy(self.vit, {id(ad): None for ad in self.adapters})  # copied without the adapters
+        d = vit.embed_dim
+        for blk, ad in zip(vit.blocks, self.adapters):
+            for m in ad.targets:
+                blk.attn.qkv.weight[qkv_rows(m, d)] += ad.delta_weight(m)
+        return vit
+
+    def _eval_vit(self) -> nn.Module:
+        """merged_vit(), built by the first evaluation forward and kept until the adapters can change (train(),
+        grow, begin_task, end_task, load_state_dict, merge); held outside the module tree, so it is in no
+        state_dict() and no parameters()."""
+        vit = self.__dict__.get("_eval_cache")
+        if vit is None:
+            vit = self.__dict__["_eval_cache"] = self.merged_vit()
+        return vit
+
+    def _drop_eval_vit(self) -> None:
+        self.__dict__.pop("_eval_cache", None)
+
+    def stack_frozen(self) -> None:
+        """Rebuild every adapter's stack of the frozen branches (all but the current task's); drop the folded copy."""
+        self._drop_eval_vit()
+        for ad in self.adapters:
+            ad.stack_frozen(max(len(self.heads) - 1, 0))
+
+    def set_current(self, on: bool) -> None:
+        """Make every block's forward add the current branch t (on) or the stacked frozen branches alone (off)."""
+        for ad in self.adapters:
+            ad.current = on
 
     @torch.no_grad()
     def previous_block_cls(self, x: torch.Tensor) -> torch.Tensor:
-        """F_{t-1}(x): the per-block CLS features of the previous model (branches s <= t-1), without a graph."""
-        n = len(self.heads)
-        self.set_active(n - 1)
+        """F_{t-1}(x): the per-block CLS features of the previous model (branches s <= t-1, the stacked frozen
+        ones), without a graph."""
+        self.set_current(False)
         try:
-            return self.vit.block_cls(x)
+            return block_cls(self.vit, x)
         finally:
-            self.set_active(n)
+            self.set_current(True)
 
-    def align_classifiers(self) -> None:
-        """Classifier alignment, preset `sr2` (spec §8): only the seen heads train, on Gaussian feature replay."""
-        cfg = self.cfg
-        n_seen = self.offsets[-1]
-        n = cfg.ca_samples or 5 * cfg.batch_size
-        device = self.heads[0].weight.device
-        eye = torch.eye(self.vit.embed_dim, dtype=torch.float64, device=device)
-        chol = torch.linalg.cholesky(self.covs[:n_seen].double() + cfg.ca_shrink * eye).float()  # Sigma_c + delta I
-        mu = self.means[:n_seen].float()
-        labels = torch.arange(n_seen, device=device).repeat_interleave(n)
-        grads = [p.requires_grad for p in self.heads.parameters()]
-        self.heads.requires_grad_(True)
-        opt = torch.optim.SGD(self.heads.parameters(), lr=cfg.ca_lr, momentum=0.9, weight_decay=cfg.ca_weight_decay)
+    @torch.enable_grad()
+    def align_heads(self, t: int) -> None:
+        """SR²'s classifier alignment after task t (dlora L410-488): only the heads h_0..h_t change."""
+        cfg, C, device = self.cfg, self.offsets[-1], self.ca_mean.device
+        means = self.ca_mean[:C].float()
+        eye = torch.eye(self.ca_cov.shape[-1], dtype=torch.float64, device=device)
+        trils = torch.linalg.cholesky(self.ca_cov[:C].double() + cfg.ca_shrink * eye).float()
+        params = [p for h in self.heads for p in h.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.SGD(params, lr=cfg.ca_lr, momentum=0.9, weight_decay=cfg.ca_weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.ca_tmax)
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        n = cfg.ca_samples or 5 * cfg.batch_size
+        with torch.autocast(device_type=device.type, enabled=False):
             for _ in range(cfg.ca_epochs):
-                feats = gaussian_replay(mu, chol, n).flatten(0, 1)  # (n_seen * n, d), class-major
-                perm = torch.randperm(len(feats)).to(device)
-                for i in range(n_seen):  # |C_<=t| mini-batches of n, as in the code
-                    idx = perm[i * n:(i + 1) * n]
-                    z = self.logits(feats[idx])
-                    loss = alignment_loss(z, labels[idx], cfg.ca_tau) if cfg.ca == "sr2" else F.cross_entropy(
-                        z, labels[idx])  # Eq. CA loss (spec §8); 'ce': the `vanilla` base's plain CE
+                feats, labels = gaussian_replay(means, trils, n)
+                perm = torch.randperm(len(labels)).to(device)
+                feats, labels = feats[perm], labels[perm]
+                for i in range(C):  # |C_<=t| batches of n samples per epoch
+                    z = self.logits(feats[i * n:(i + 1) * n])
+                    if cfg.ca == "sr2":
+                        loss = alignment_loss(z, labels[i * n:(i + 1) * n], cfg.ca_logit_norm)
+                    else:
+                        loss = F.cross_entropy(z, labels[i * n:(i + 1) * n])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                 sched.step()
-        for p, g in zip(self.heads.parameters(), grads):
-            p.requires_grad_(g)
+        for p in params:
+            p.requires_grad_(False)
             p.grad = None
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold every branch into the qkv weights and zero its B (deployment only: the previous model is lost)."""
         d = self.vit.embed_dim
-        for blk, lora in zip(self.vit.blocks, self.loras):
-            for branch in lora.branches:
+        for blk, ad in zip(self.vit.blocks, self.adapters):
+            for branch in ad.branches:
                 for m in branch.A:
                     blk.attn.qkv.weight[qkv_rows(m, d)] += branch.delta_weight(m)
                     branch.B[m].zero_()
+        self.stack_frozen()
 
 
 Method = SR2LoRA
@@ -327,7 +425,7 @@ Method = SR2LoRA
 
 
 def relation_matrix(feats: torch.Tensor) -> torch.Tensor:
-    """R = sym(F F^T) per sample: (B, L, d) -> (B, L, L); raw Gram, no centring or normalisation (spec §5)."""
+    """R = sym(F F^T) per sample: (B, L, d) -> (B, L, L); raw Gram, no centring or normalisation (dlora L314, L494)."""
     r = feats @ feats.transpose(1, 2)
     return (r + r.transpose(1, 2)) / 2
 
@@ -343,10 +441,10 @@ def relation_loss(new: torch.Tensor, old: torch.Tensor, kind: str = "spectral", 
     with torch.autocast(new.device.type, enabled=False):
         new = new.float() if new.dtype != torch.float64 else new
         old = old.detach().to(new.dtype)
-        if kind == "spectral":  # Eq. L_SR: per-sample spectra, mean smooth-L1 over B x L
+        if kind == "spectral":  # per-sample spectra, mean smooth-L1 over B x L (dlora L492-498)
             lam_new, lam_old = spectrum(torch.cat([new, old])).chunk(2)  # one solver call: same rounding for both
             return F.smooth_l1_loss(lam_new, lam_old.detach(), beta=beta)
-        if kind == "batch":  # ablation: spectrum of the batch-mean relation matrix (the code's unused variant)
+        if kind == "batch":  # ablation: spectrum of the batch-mean relation matrix (dlora L500-511, unused)
             r = torch.stack([relation_matrix(new).mean(0), relation_matrix(old).mean(0)])
             lam_new, lam_old = torch.linalg.eigvalsh(r)
             return F.smooth_l1_loss(lam_new, lam_old.detach(), beta=beta)
@@ -361,46 +459,57 @@ def relation_loss(new: torch.Tensor, old: torch.Tensor, kind: str = "spectral", 
 
 
 @torch.no_grad()
-def class_statistics(vit: ViT, loader, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (float64) and covariance (float32) of f(x) per class, in the order of `classes` (spec §7 step 4)."""
-    fs, ys = [], []
-    device = vit.cls_token.device
-    with torch.autocast(device.type, enabled=False):
+def class_statistics(vit: nn.Module, loader, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance (float64) of f(x) for every class of `classes`, in that order
+    (dlora L380-408; the 1e-2 I it adds there is added at sampling time here)."""
+    was_training = vit.training
+    vit.eval()
+    device = next(vit.parameters()).device
+    feats, ys = [], []
+    with torch.autocast(device_type=device.type, enabled=False):
         for x, y in loader:
-            fs.append(vit(x.to(device)).double())
+            feats.append(features(vit, x.to(device)).double())
             ys.append(y.to(device))
-    f, y = torch.cat(fs), torch.cat(ys)
-    d = f.shape[1]
-    mu = torch.zeros(len(classes), d, dtype=torch.float64, device=device)
-    cov = torch.zeros(len(classes), d, d, dtype=torch.float64, device=device)
-    for i, c in enumerate(classes):
-        fc = f[y == c]
-        if len(fc) == 0:
-            raise ValueError(f"class {c} has no training images: cannot compute its statistics")
-        mu[i] = fc.mean(0)
-        if len(fc) > 1:  # one image: zero covariance, the shrinkage alone keeps it positive definite
-            cov[i] = torch.cov(fc.T)
-    return mu, cov.float()
+    vit.train(was_training)
+    feats, ys = torch.cat(feats), torch.cat(ys)
+    means, covs = [], []
+    for c in classes:
+        f = feats[ys == c]
+        if len(f) == 0:
+            raise ValueError(f"class {c} has no training image: cannot compute its statistics")
+        mu = f.mean(0)
+        means.append(mu)
+        covs.append((f - mu).T @ (f - mu) / max(len(f) - 1, 1))  # one image: zero, the shrinkage keeps it PD
+    return torch.stack(means), torch.stack(covs)
 
 
-def gaussian_replay(mu: torch.Tensor, chol: torch.Tensor, n: int) -> torch.Tensor:
-    """n samples per class from N(mu_c, L_c L_c^T): (C, d), (C, d, d) -> (C, n, d). Uses torch's global RNG."""
-    eps = torch.randn(mu.shape[0], n, mu.shape[1], device=mu.device, dtype=mu.dtype)
-    return mu[:, None] + eps @ chol.transpose(1, 2)
+def gaussian_replay(means: torch.Tensor, trils: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n samples per class c from N(means[c], trils[c] trils[c]^T) with torch's global generator, and their
+    labels c: (C * n, d), (C * n,), class by class (dlora L432-443)."""
+    C, d = means.shape
+    z = torch.randn(C, n, d, device=means.device, dtype=means.dtype)
+    x = means[:, None, :] + z @ trils.transpose(1, 2)
+    return x.reshape(C * n, d), torch.arange(C, device=means.device).repeat_interleave(n)
 
 
 def alignment_loss(z: torch.Tensor, y: torch.Tensor, tau: float) -> torch.Tensor:
-    """SR²'s alignment loss: mean entropy of softmax(z) (minimised) + CE on the globally normalised logits."""
+    """SR²'s alignment loss: mean entropy of softmax(z) (minimised) + CE on the per-sample normalised logits
+    z / (tau (||z||_2 + 1e-7)) (dlora L462-466; utils/losses.py L55-63)."""
     entropy = -(z.softmax(1) * z.log_softmax(1)).sum(1).mean()
     z_norm = z / (tau * (z.norm(dim=-1, keepdim=True) + 1e-7))
-    return entropy + F.cross_entropy(z_norm, y)  # Eq. CA loss (spec §8)
+    return entropy + F.cross_entropy(z_norm, y)
 
 
 def inflora_cosine(epochs: int, steps_per_epoch: int):
-    """InfLoRA's epoch-level cosine, as a per-step multiplier: cos(99 pi e / (200 (E - 1))), e = epoch."""
+    """InfLoRA's epoch cosine as a per-step multiplier: epoch e trains at cos(99 pi max(e - 1, 0) / (200 (E - 1))).
+
+    The official CosineSchedule (utils/schedulers.py L19-20 and L53-54, the same file in InfLoRA @ e08b00e and
+    SR-2-LoRA @ ea5da65) steps once in its constructor and then resets last_epoch, so its first per-epoch step
+    returns the base rate again: epochs 0 and 1 both train at the base rate.
+    """
     def factor(step: int) -> float:
-        e = step // max(steps_per_epoch, 1)
-        return 1.0 if epochs <= 1 else math.cos(99 * math.pi * min(e, epochs - 1) / (200 * (epochs - 1)))
+        e = min(step // max(steps_per_epoch, 1), epochs - 1)
+        return 1.0 if epochs <= 1 else math.cos(99 * math.pi * max(e - 1, 0) / (200 * (epochs - 1)))
     return factor
 
 

@@ -1,9 +1,9 @@
-"""seq_lora and simple_cil: the invariants of baselines.md §7 on a tiny random ViT."""
-import math
+"""seq_lora and simple_cil on a tiny random ViT: zero-init identity, frozen backbone, local loss, merge, folded
+evaluation, schedule, prototypes."""
 
 import pytest
 import torch
-from conftest import synthetic_task, tiny_vit
+from conftest import run_task, synthetic_task, tiny_vit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -76,8 +76,8 @@ def test_merge_equivalence_and_touched_rows(seed, targets):
     m = _seq(seed, targets=targets)
     m.grow(0, [0, 1, 2])
     with torch.no_grad():
-        for lora in m.loras:
-            for b in lora.B.values():
+        for ad in m.adapters:
+            for b in ad.B.values():
                 b.normal_(0, 0.1)
     x = torch.rand(4, 3, 16, 16)
     unmerged = m(x)
@@ -92,18 +92,40 @@ def test_merge_equivalence_and_touched_rows(seed, targets):
 
 
 def test_seq_lora_rejects_bad_config():
-    with pytest.raises(ValueError, match="rank"):
-        _seq(rank=0)
-    with pytest.raises(ValueError, match="targets"):
-        _seq(targets="qx")
+    for bad in (dict(rank=0), dict(targets="qx"), dict(targets="qq"), dict(loss="x")):
+        flag = "--" + next(iter(bad))
+        with pytest.raises(ValueError, match=rf"^{flag} must be .* \(got .+\)$"):
+            _seq(**bad)
 
 
-def test_inflora_cosine_schedule():
-    f = seq_lora.inflora_cosine(20, 10)
-    assert f(0) == 1.0 and f(9) == 1.0  # constant within an epoch
-    assert f(10) < 1.0 and f(199) == pytest.approx(math.cos(99 * math.pi / 200))
-    assert all(f(s) >= f(s + 1) for s in range(200))
-    assert seq_lora.inflora_cosine(1, 10)(5) == 1.0
+@pytest.mark.parametrize("E", [20, 3])
+def test_epoch_cosine_is_the_official_schedule(E):
+    """InfLoRA utils/schedulers.py L19-20 @ e08b00e steps once in its constructor and then resets last_epoch, so
+    epochs 0 and 1 both train at the base rate: eta_e = eta_0 cos(99 pi max(e - 1, 0) / (200 (E - 1)))."""
+    m = _seq(epochs=E)
+    m.grow(0, [0, 1, 2])
+    opt, sched = m.optimizer(steps_per_epoch=2)
+    lrs = []
+    for _ in range(2 * E):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    per_epoch = lrs[::2]
+    assert lrs[1::2] == per_epoch  # constant within an epoch
+    last = {20: 0.0974000560613835, 3: 0.7126385189252054}[E]  # cos(99 pi (E - 2) / (200 (E - 1)))
+    assert per_epoch[0] == per_epoch[1] == m.cfg.lr
+    assert per_epoch[E - 1] == pytest.approx(m.cfg.lr * last, rel=1e-12)
+    assert all(a > b for a, b in zip(per_epoch[1:], per_epoch[2:]))
+    assert seq_lora.inflora_cosine(1, 10)(5) == 1.0  # one epoch: the base rate
+
+
+def test_state_dict_keys_are_unique_tensors():
+    """The LoRA is registered once, under vit.blocks.{i}.attn.qkv_adapter: A_m, B_m for m in q, v."""
+    m = _seq()
+    m.grow(0, [0, 1, 2])
+    state = m.state_dict()
+    assert len({v.data_ptr() for v in state.values()}) == len(state) == len(m.vit.state_dict()) + 2
+    assert len([k for k in state if ".qkv_adapter." in k]) == 4 * 2 * 2
 
 
 @settings(max_examples=5)
@@ -131,3 +153,38 @@ def test_simple_cil_old_prototypes_and_scores_unchanged(seed, perm):
     ys = torch.cat([y for _, y in data.plain])
     for c in perm:
         torch.testing.assert_close(m.protos[c], feats[ys == c].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_seq_lora_evaluates_a_folded_copy_built_once():
+    """After 3 tasks, m.eval(); m(x) runs a copy of the ViT with B A folded into its qkv rows and no adapters: the
+    logits of the forward through the adapters (atol 1e-5, fp32). Evaluation leaves the state dict bit-identical;
+    the copy is reused by the next batch and dropped by train(), grow, begin_task, end_task, load_state_dict,
+    merge and .to()."""
+    torch.manual_seed(0)
+    m = _seq(0, lr=1e-2)
+    for t in range(3):
+        run_task(m, t, [2 * t, 2 * t + 1], seed=t)
+    x = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        unmerged = m.logits(bb.features(m.vit, x))  # the adapters run
+        m.eval()
+        folded = m(x)
+        copy_ = m.__dict__["_eval_cache"]
+        m(x)
+    assert m.__dict__["_eval_cache"] is copy_  # folded once per evaluation, not per batch
+    assert all(blk.attn.qkv_adapter is None for blk in copy_.blocks)
+    assert all(not torch.equal(a.attn.qkv.weight, b.attn.qkv.weight) for a, b in zip(copy_.blocks, m.vit.blocks))
+    assert {id(p) for p in copy_.parameters()}.isdisjoint({id(p) for p in m.parameters()})
+    torch.testing.assert_close(folded, unmerged, atol=1e-5, rtol=0)
+    after = m.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    data = synthetic_task([4, 5], seed=2)
+    for drop in (m.train, lambda: m.load_state_dict(state), lambda: m.end_task(2, [4, 5], data),
+                 lambda: m.begin_task(2, [4, 5], data), m.merge, lambda: m.grow(3, [6]), lambda: m.double()):
+        m.eval()
+        with torch.no_grad():
+            m(x.to(next(m.parameters()).dtype))
+        assert "_eval_cache" in m.__dict__
+        drop()
+        assert "_eval_cache" not in m.__dict__

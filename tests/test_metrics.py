@@ -1,4 +1,4 @@
-"""Metrics of protocol.md §4 against hand-computed matrices, and its identities as properties."""
+"""The metrics (README, Protocol and metrics) against hand-computed matrices, and their identities as properties."""
 import copy
 
 import numpy as np

@@ -1,11 +1,9 @@
-"""SR²-LoRA: the invariants of ../shared/specs/sr2_lora.md §14 and the classifier-alignment invariants of
-protocol.md §8, on random matrices (float64) and on a tiny random ViT, plus an end-to-end smoke run."""
+"""SR²-LoRA (methods/sr2_lora.py): the spectral relation loss on random features (float64), the method on a
+tiny random ViT, the classifier alignment and the learning-rate schedule (the smoke run, resume and options:
+tests/test_contract.py)."""
 import copy
 import dataclasses
-import json
-import os
-import subprocess
-import sys
+import math
 
 import pytest
 import torch
@@ -13,10 +11,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import synthetic_task, tiny_vit
+from backbone import block_cls, embed, features
+from conftest import run_task, synthetic_task, tiny_vit
 from methods import sr2_lora as M
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D64 = torch.float64
 
 # ----------------------------------------------------------------------------------------------------
@@ -46,7 +44,7 @@ def lam_max(*fs) -> float:
 
 
 def tol(*fs) -> float:
-    return 1e-8 * (1.0 + lam_max(*fs))  # spec §14: 1e-8 relative to the largest eigenvalue, float64
+    return 1e-8 * (1.0 + lam_max(*fs))  # 1e-8 relative to the largest eigenvalue, float64
 
 
 def loss(f, g, **kw):
@@ -54,11 +52,11 @@ def loss(f, g, **kw):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Spectral relation loss (spec §14, items 1-14)
+# Spectral relation loss
 
 
 @given(feature_pairs())
-def test_identity_gives_zero_loss_and_zero_gradient(fg):  # item 1
+def test_identity_gives_zero_loss_and_zero_gradient(fg):
     f, _ = fg
     f = f.clone().requires_grad_(True)
     value = M.relation_loss(f, f.detach().clone())
@@ -68,14 +66,14 @@ def test_identity_gives_zero_loss_and_zero_gradient(fg):  # item 1
 
 
 @given(feature_pairs())
-def test_loss_is_non_negative_and_symmetric_in_value(fg):  # items 2, 14
+def test_loss_is_non_negative_and_symmetric_in_value(fg):
     f, g = fg
     assert loss(f, g) >= 0.0
     assert abs(loss(f, g) - loss(g, f)) <= tol(f, g)
 
 
 @given(feature_pairs(), st.integers(0, 1000))
-def test_invariant_to_independent_feature_rotations(fg, seed):  # item 3
+def test_invariant_to_independent_feature_rotations(fg, seed):
     f, g = fg
     d = f.shape[2]
     q1, q2 = orthogonal(d, seed), orthogonal(d, seed + 1)
@@ -83,7 +81,7 @@ def test_invariant_to_independent_feature_rotations(fg, seed):  # item 3
 
 
 @given(feature_pairs(), st.integers(0, 1000))
-def test_invariant_to_layer_rotations_and_permutations(fg, seed):  # item 4
+def test_invariant_to_layer_rotations_and_permutations(fg, seed):
     f, g = fg
     n_layers = f.shape[1]
     u = orthogonal(n_layers, seed)
@@ -94,7 +92,7 @@ def test_invariant_to_layer_rotations_and_permutations(fg, seed):  # item 4
 
 
 @given(feature_pairs(), st.integers(0, 1000))
-def test_zero_loss_does_not_mean_equal_features(fg, seed):  # item 5
+def test_zero_loss_does_not_mean_equal_features(fg, seed):
     f, _ = fg
     n_layers, d = f.shape[1:]
     g = orthogonal(n_layers, seed) @ f @ orthogonal(d, seed + 1)
@@ -104,7 +102,7 @@ def test_zero_loss_does_not_mean_equal_features(fg, seed):  # item 5
 
 
 @given(feature_pairs())
-def test_eigenvalues_are_squared_singular_values(fg):  # item 6
+def test_eigenvalues_are_squared_singular_values(fg):
     f, _ = fg
     n_layers = f.shape[1]
     s2 = torch.linalg.svdvals(f).pow(2).flip(-1)  # ascending, min(L, D) values
@@ -113,7 +111,7 @@ def test_eigenvalues_are_squared_singular_values(fg):  # item 6
 
 
 @given(feature_pairs())
-def test_spectrum_is_psd_sorted_and_of_rank_at_most_min_l_d(fg):  # item 7 and item 16 (R)
+def test_spectrum_is_psd_sorted_and_of_rank_at_most_min_l_d(fg):
     f, _ = fg
     n_layers, d = f.shape[1:]
     r = M.relation_matrix(f)
@@ -127,7 +125,7 @@ def test_spectrum_is_psd_sorted_and_of_rank_at_most_min_l_d(fg):  # item 7 and i
 
 
 @given(feature_pairs(), st.floats(1.5, 4.0))
-def test_spectrum_scales_with_c_squared_and_the_loss_is_not_scale_invariant(fg, c):  # item 8
+def test_spectrum_scales_with_c_squared_and_the_loss_is_not_scale_invariant(fg, c):
     f, g = fg
     big = tol(c * f, c * g)
     assert torch.allclose(M.spectrum(c * f), c**2 * M.spectrum(f), rtol=0, atol=big)
@@ -139,7 +137,7 @@ def test_spectrum_scales_with_c_squared_and_the_loss_is_not_scale_invariant(fg, 
 
 
 @given(feature_pairs())
-def test_hoffman_wielandt_and_weyl_bounds(fg):  # items 9, 10
+def test_hoffman_wielandt_and_weyl_bounds(fg):
     f, g = fg
     lf, lg = M.spectrum(f), M.spectrum(g)
     diff = M.relation_matrix(f) - M.relation_matrix(g)
@@ -152,7 +150,7 @@ def test_hoffman_wielandt_and_weyl_bounds(fg):  # items 9, 10
 
 
 @given(feature_pairs(), st.data())
-def test_loss_is_per_sample(fg, data):  # item 11
+def test_loss_is_per_sample(fg, data):
     f, g = fg
     b = f.shape[0]
     k = data.draw(st.integers(0, b))
@@ -163,7 +161,7 @@ def test_loss_is_per_sample(fg, data):  # item 11
     assert abs(loss(f[perm], g[perm]) - loss(f, g)) <= tol(f, g)
 
 
-def test_per_sample_loss_differs_from_the_batch_mean_relation_variant():  # item 11 (guard)
+def test_per_sample_loss_differs_from_the_batch_mean_relation_variant():
     gen = torch.Generator().manual_seed(0)
     f, g = torch.randn(2, 2, 3, 8, generator=gen, dtype=D64)
     per_sample, batch = loss(f, g), loss(f, g, kind="batch")
@@ -174,7 +172,7 @@ def test_per_sample_loss_differs_from_the_batch_mean_relation_variant():  # item
 
 
 @given(feature_pairs())
-def test_no_gradient_reaches_the_old_features(fg):  # item 12 (function level)
+def test_no_gradient_reaches_the_old_features(fg):
     f, g = fg
     f, g = f.clone().requires_grad_(True), g.clone().requires_grad_(True)
     M.relation_loss(f, g).backward()
@@ -183,7 +181,7 @@ def test_no_gradient_reaches_the_old_features(fg):  # item 12 (function level)
 
 
 @given(st.integers(1, 12), st.integers(0, 16), st.integers(0, 1000), st.floats(-2, 2))
-def test_degenerate_spectra_give_finite_loss_and_gradient(n_layers, extra, seed, log_scale):  # item 13
+def test_degenerate_spectra_give_finite_loss_and_gradient(n_layers, extra, seed, log_scale):
     d = n_layers + extra
     c = 10.0**log_scale
     rows = c * orthogonal(d, seed)[:n_layers]  # orthogonal rows of equal norm: one L-fold eigenvalue c^2
@@ -210,7 +208,7 @@ def test_relation_loss_is_computed_in_float32_under_bf16_autocast():
 
 
 # ----------------------------------------------------------------------------------------------------
-# The method on a tiny random ViT (spec §14 items 12, 15-18)
+# The method on a tiny random ViT
 
 TASKS = [[0, 1, 2], [3, 4, 5]]
 SMALL = dict(batch_size=8, ca_epochs=2, ca_samples=16)
@@ -253,19 +251,19 @@ def snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def test_block_features_are_final_norm_cls_per_block(vit):  # item 16
+def test_block_features_are_final_norm_cls_per_block(vit):
     x = torch.rand(3, 3, 16, 16)
-    feats = vit.block_cls(x)
-    h, rows = vit.embed(x), []
+    feats = block_cls(vit, x)
+    h, rows = embed(vit, x), []
     for blk in vit.blocks:
         h = blk(h)
         rows.append(vit.norm(h)[:, 0])  # the shared final LayerNorm, CLS token
     assert feats.shape == (3, len(vit.blocks), vit.embed_dim)
     assert torch.allclose(feats, torch.stack(rows, 1), atol=1e-6)
-    assert torch.allclose(feats[:, -1], vit(x), atol=1e-6)
+    assert torch.allclose(feats[:, -1], features(vit, x), atol=1e-6)
 
 
-def test_only_the_current_branch_and_head_train(task1):  # item 17 (trainable set and count)
+def test_only_the_current_branch_and_head_train(task1):
     m, _ = task1
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     expected = {f"vit.blocks.{i}.attn.qkv_adapter.branches.1.{ab}.{s}"
@@ -273,10 +271,10 @@ def test_only_the_current_branch_and_head_train(task1):  # item 17 (trainable se
     assert trainable == expected
     d, r, n_blocks = m.vit.embed_dim, m.cfg.rank, len(m.vit.blocks)
     n = sum(p.numel() for p in m.parameters() if p.requires_grad)
-    assert n == n_blocks * 2 * (d * r + r * d) + d * 3 + 3  # spec §4 parameter growth
+    assert n == n_blocks * 2 * (d * r + r * d) + d * 3 + 3  # per task: A_t, B_t on k and v, and h_t
 
 
-def test_step_leaves_old_branches_heads_and_backbone_bit_identical(task1):  # items 12, 17
+def test_step_leaves_old_branches_heads_and_backbone_bit_identical(task1):
     m, data = task1
     before = snapshot(m)
     opt, sched = m.optimizer(len(data.train))
@@ -294,19 +292,19 @@ def test_step_leaves_old_branches_heads_and_backbone_bit_identical(task1):  # it
             assert p.grad is None, n
 
 
-def test_previous_model_runs_without_graph_and_restores_the_active_branches(task1):  # item 12
+def test_previous_model_runs_without_graph_and_restores_the_active_branches(task1):
     m, data = task1
     x, _ = next(iter(data.train))
     old = m.previous_block_cls(x)
     assert not old.requires_grad and old.grad_fn is None
-    assert all(lora.active == 2 for lora in m.loras)
-    assert m.vit.block_cls(x).requires_grad  # the current model does build a graph (branch 1 trains)
+    assert all(lora.current for lora in m.adapters)
+    assert block_cls(m.vit, x).requires_grad  # the current model does build a graph (branch 1 trains)
 
 
-def test_relation_loss_is_zero_at_the_first_step_of_a_task(task1):  # item 15
+def test_relation_loss_is_zero_at_the_first_step_of_a_task(task1):
     m, data = task1
     x, y = next(iter(data.train))
-    new = m.vit.block_cls(x)
+    new = block_cls(m.vit, x)
     assert torch.equal(new, m.previous_block_cls(x))  # B_1 = 0: the two models agree bit for bit
     assert float(M.relation_loss(new, m.previous_block_cls(x)).detach()) == 0.0
     total = m.loss(x, y)  # the full objective equals the CE alone
@@ -314,7 +312,7 @@ def test_relation_loss_is_zero_at_the_first_step_of_a_task(task1):  # item 15
     assert torch.equal(total, ce)
 
 
-def test_after_training_the_relation_term_is_live_bounded_and_weighted(task1):  # item 15
+def test_after_training_the_relation_term_is_live_bounded_and_weighted(task1):
     m, data = task1
     with_cfg(m, lr=5e-2)
     opt, _ = m.optimizer(len(data.train))
@@ -325,7 +323,7 @@ def test_after_training_the_relation_term_is_live_bounded_and_weighted(task1):  
             opt.step()
     x, y = next(iter(data.plain))
     with torch.no_grad():
-        new, old = m.vit.block_cls(x).double(), m.previous_block_cls(x).double()
+        new, old = block_cls(m.vit, x).double(), m.previous_block_cls(x).double()
     value = loss(new, old)
     fro2 = (M.relation_matrix(new) - M.relation_matrix(old)).pow(2).sum()
     assert value > 0  # the previous model really is the previous one: the new branch moved the features
@@ -339,31 +337,137 @@ def test_after_training_the_relation_term_is_live_bounded_and_weighted(task1):  
             m.sr_weight = weight
             assert float(m.loss(x, y)) == pytest.approx(ce + weight * sr, rel=1e-5)
     m.zero_grad(set_to_none=True)
-    M.relation_loss(m.vit.block_cls(x), m.previous_block_cls(x)).backward()
+    M.relation_loss(block_cls(m.vit, x), m.previous_block_cls(x)).backward()
     grads = [p.grad for n, p in m.named_parameters() if ".branches.1." in n]
     assert all(g is not None for g in grads) and any(torch.count_nonzero(g) > 0 for g in grads)
 
 
-def test_merge_equivalence(task1):  # item 18
+def test_merge_equivalence(task1):
     m, data = task1
     with torch.no_grad():
-        for lora in m.loras:
+        for lora in m.adapters:
             for branch in lora.branches:
                 for b in branch.B.values():
                     b.normal_(std=0.1)
+    m.stack_frozen()  # branch 0 changed in place
     x, _ = next(iter(data.plain))
     merged = copy.deepcopy(m)
     merged.merge()
     with torch.no_grad():
         assert torch.allclose(merged(x), m(x), rtol=1e-5, atol=1e-5)
-        assert all(torch.count_nonzero(b) == 0 for lo in merged.loras for br in lo.branches for b in br.B.values())
+        assert all(torch.count_nonzero(b) == 0 for lo in merged.adapters for br in lo.branches for b in br.B.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Constant cost: evaluation through the folded copy, the frozen branches as one stacked product
+
+
+def three_tasks(rank=10, steps=2, end=True, **kw):
+    """The method after tasks 0, 1 and 2 (conftest run_task; task 2 without end_task if not `end`)."""
+    torch.manual_seed(0)
+    m = M.Method(tiny_vit(0), 12, M.Config(**{**SMALL, "lr": 1e-2, "rank": rank, **kw}))
+    for t in range(3):
+        run_task(m, t, [3 * t, 3 * t + 1, 3 * t + 2], steps=steps, seed=t, end=end or t < 2)
+    return m
+
+
+def loop_forward(self, x):
+    """The reference TaskLoRA forward: every branch on its own, in order (the last one only while `current`)."""
+    out = {}
+    for branch in self.branches if self.current else self.branches[: self.frozen]:
+        for m, delta in branch(x).items():
+            out[m] = out[m] + delta if m in out else delta
+    return out
+
+
+def test_evaluation_runs_a_cached_folded_copy_equal_to_the_adapted_forward():
+    m = three_tasks()
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = m(x)  # training mode: every branch through the adapters
+        bare = copy.deepcopy(m.vit)
+        for blk in bare.blocks:
+            blk.attn.qkv_adapter = None
+        assert (m.logits(features(bare, x)) - adapted).abs().max() > 1e-3  # the branches do matter
+    before, n_params = snapshot(m), len(list(m.parameters()))
+    m.eval()
+    folded_logits = m(x)
+    folded = m.__dict__["_eval_cache"]
+    assert all(blk.attn.qkv_adapter is None for blk in folded.blocks)
+    assert torch.allclose(folded_logits, adapted, rtol=0, atol=1e-5)
+    assert torch.equal(m(x), folded_logits) and m.__dict__["_eval_cache"] is folded  # reused, not rebuilt
+    after = snapshot(m)  # evaluation leaves the training state bit-identical, and adds nothing to it
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert len(list(m.parameters())) == n_params and not any("_eval_cache" in k for k in after)
+    m.train()
+    assert "_eval_cache" not in m.__dict__
+    # the load_state_dict post hook, begin_task, end_task and grow drop the copy
+    data = synthetic_task([6, 7, 8], n_per_class=4, batch_size=8, seed=2)
+    for drop in (lambda: m.load_state_dict(m.state_dict()), lambda: m.begin_task(2, [6, 7, 8], data),
+                 lambda: m.end_task(2, [6, 7, 8], data), lambda: m.grow(3, [9, 10, 11])):
+        m.eval()
+        m(x)
+        assert "_eval_cache" in m.__dict__
+        drop()
+        assert "_eval_cache" not in m.__dict__
+
+
+def test_load_state_dict_restacks_the_frozen_branches():
+    m = three_tasks()  # at task 2: branches 0 and 1 stacked (rank 10: R = 20 >= d / 2, one dense delta)
+    state = m.state_dict()
+    assert not any("stack_" in k for k in state)  # the stacked operands are never stored
+    key = "vit.blocks.0.attn.qkv_adapter.branches.0.B.k"
+    state[key] = 2 * state[key]
+    m.load_state_dict(state)
+    ad = m.adapters[0]
+    A = torch.cat([ad.branches[s].A["k"] for s in range(2)])
+    B = torch.cat([ad.branches[s].B["k"] for s in range(2)], dim=1)
+    assert ad.frozen == 2 and ad.stack_A is None and torch.allclose(ad.stack_B[0], B @ A, rtol=0, atol=1e-6)
+    assert torch.equal(ad.branches[0].B["k"], state[key])
+
+
+@pytest.mark.parametrize("rank, dense", [(4, False), (10, True)])  # frozen R = 8: low-rank; R = 20: folded
+def test_stacked_frozen_branches_equal_the_per_branch_loop(rank, dense, monkeypatch):
+    """At task 2 the training forward (frozen branches 0, 1 stacked, branch 2 on its own) gives the loop's
+    loss and gradients, and the previous model (branches 0, 1) the loop's features (float64)."""
+    m = three_tasks(rank, steps=1, end=False, ca="none")
+    m.double()
+    with torch.no_grad():
+        for lo in m.adapters:
+            for branch in lo.branches:
+                for b in branch.B.values():
+                    b.normal_(std=0.1)
+    m.stack_frozen()  # the frozen branches changed in place
+    x = torch.rand(6, 3, 16, 16, dtype=D64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([6, 7, 8, 6, 7, 8])
+    trainable = [p for p in m.parameters() if p.requires_grad]
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        loss = m.loss(x, y)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable], m.previous_block_cls(x)
+
+    loss, grads, old = run()
+    shapes = [(2, 32, 32)] if dense else [(2, 2 * rank, 32), (2, 32, 2 * rank)]  # targets k, v
+    for ad in m.adapters:
+        assert ad.frozen == 2 and [t.shape for t in (ad.stack_A, ad.stack_B) if t is not None] == shapes
+    monkeypatch.setattr(M.TaskLoRA, "forward", loop_forward)
+    ref_loss, ref_grads, ref_old = run()
+    with torch.no_grad():
+        assert float(loss - F.cross_entropy(m.heads[2](block_cls(m.vit, x)[:, -1]), y - 6)) > 0  # L_SR is live
+    assert torch.allclose(loss, ref_loss, rtol=1e-10, atol=1e-12)
+    assert len(grads) == len(trainable) == 4 * 2 * 2 + 2
+    assert all(torch.allclose(g, r, rtol=1e-8, atol=1e-10) for g, r in zip(grads, ref_grads))
+    assert any(torch.count_nonzero(g) for g in grads[:-2])
+    assert torch.allclose(old, ref_old, rtol=1e-10, atol=1e-12)
 
 
 def test_resume_rebuilds_structure_from_grow_alone(task1):  # contract: fixed-shape buffers
     m, data = task1
     m.end_task(1, TASKS[1], data)
     state = m.state_dict()
-    assert state["means"].shape == (6, 32) and state["covs"].shape == (6, 32, 32)
+    assert state["ca_mean"].shape == (6, 32) and state["ca_cov"].shape == (6, 32, 32)
     fresh = M.Method(tiny_vit(1), 6, m.cfg)
     fresh.grow(0, TASKS[0])
     fresh.grow(1, TASKS[1])
@@ -374,17 +478,71 @@ def test_resume_rebuilds_structure_from_grow_alone(task1):  # contract: fixed-sh
         assert torch.equal(fresh.previous_block_cls(x), m.previous_block_cls(x))
 
 
-def test_config_validation():
-    vit = tiny_vit()
-    for bad in (dict(rank=0), dict(targets="kx"), dict(targets=""), dict(relation="entrywise"),
-                dict(sr_weight=-1.0), dict(ca="slca"), dict(ca_shrink=-1e-3), dict(lr=0.0), dict(ca_tmax=0)):
-        with pytest.raises(ValueError):
-            M.Method(vit, 6, M.Config(**bad))
+@pytest.mark.parametrize("bad, message", [
+    (dict(rank=0), "--rank must be >= 1 (got 0)"),
+    (dict(targets="kx"), "--targets must be distinct letters of q, k, v (got 'kx')"),
+    (dict(targets=""), "--targets must be distinct letters of q, k, v (got '')"),
+    (dict(relation="entrywise"), "--relation must be one of spectral, batch, cosine, feature_all, feature_last "
+                                 "(got 'entrywise')"),
+    (dict(sr_weight=-1.0), "--sr-weight must be >= 0 (got -1.0)"),
+    (dict(ca="slca"), "--ca must be one of sr2, ce, none (got 'slca')"),
+    (dict(ca_shrink=-1e-3), "--ca-shrink must be >= 0 (got -0.001)"),
+    (dict(lr=0.0), "--lr must be > 0 (got 0.0)"),
+    (dict(ca_tmax=0), "--ca-tmax must be >= 1 (got 0)")])
+def test_config_validation(bad, message):
+    with pytest.raises(ValueError) as err:
+        M.validate(M.Config(**bad))
+    assert str(err.value) == message
+    with pytest.raises(ValueError):  # the method validates first, before touching the backbone
+        M.Method(tiny_vit(), 6, M.Config(**bad))
+
+
+def test_width_normalised_relation_weight():
     assert M.Method(tiny_vit(), 6, M.Config(sr_width_norm="on")).sr_weight == pytest.approx(768 / 32)
+    assert M.Method(tiny_vit(), 6, M.Config()).sr_weight == 1.0
+
+
+@pytest.mark.parametrize("epochs, last", [(20, 0.09740005606), (3, 0.71263851893)])
+def test_inflora_epoch_cosine_starts_one_epoch_late(epochs, last):
+    """The official CosineSchedule steps once in its constructor and resets last_epoch (utils/schedulers.py
+    L19-20 @ ea5da65), and dlora steps it once per epoch (methods/dlora.py L329): epochs 0 and 1 train at the base
+    rate, epoch e >= 1 at cos(99 pi (e - 1) / (200 (E - 1))); the multiplier is constant within an epoch."""
+    f = M.inflora_cosine(epochs, 7)
+    assert f(0) == f(6) == 1.0  # epoch 0
+    assert f(7) == f(13) == 1.0  # epoch 1: the base rate again
+    e = epochs - 1
+    assert f(7 * e) == f(7 * e + 6) == pytest.approx(last, abs=1e-10)
+    assert f(7 * e) == pytest.approx(math.cos(99 * math.pi * (e - 1) / (200 * (epochs - 1))), rel=1e-15)
+    assert f(7 * epochs + 3) == f(7 * e)  # past the end it stays at the last epoch's rate
+    assert M.inflora_cosine(1, 7)(5) == 1.0
+
+
+def test_inflora_epoch_cosine_matches_the_official_scheduler_state_machine():
+    """The official scheduler's states, restated: its constructor calls step(last_epoch + 1 = 0), which sets
+    lr = base cos(0), then sets last_epoch = -1 again; each per-epoch step() sets last_epoch += 1 and
+    lr = base cos(99 pi last_epoch / (200 (K - 1))) (utils/schedulers.py L19-20, L40-45, L53-54 @ ea5da65)."""
+    K, base, steps = 5, 0.5, 3
+    rule = lambda e: base * math.cos(99 * math.pi * e / (200 * (K - 1)))  # noqa: E731
+    lr, last_epoch = rule(0), -1  # the constructor
+    official = []
+    for _ in range(K):
+        official.append(lr)  # the rate this epoch trains at
+        last_epoch += 1  # scheduler.step() after the epoch (methods/dlora.py L329)
+        lr = rule(last_epoch)
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, M.inflora_cosine(K, steps))
+    ours = []
+    for _ in range(K):
+        ours.append(opt.param_groups[0]["lr"])
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+    assert ours == pytest.approx(official, rel=1e-12)
+    assert official[0] == official[1] == base and official[2] < base  # not the one-epoch-early schedule
 
 
 # ----------------------------------------------------------------------------------------------------
-# Class statistics and classifier alignment (spec §8, protocol.md §8; spec §14 item 19)
+# Class statistics and classifier alignment
 
 
 def test_class_statistics_are_per_class_mean_and_covariance(task1):
@@ -392,19 +550,18 @@ def test_class_statistics_are_per_class_mean_and_covariance(task1):
     feats, ys = [], []
     with torch.no_grad():
         # task 0's statistics were taken with branch 0 only
-        for lora in m.loras:
-            lora.active = 1
+        m.set_current(False)  # branch 0 is the only frozen one at task 1
         data0 = synthetic_task(TASKS[0], n_per_class=4, batch_size=8, seed=0)
         for x, y in data0.plain:
-            feats.append(m.vit(x).double())
+            feats.append(features(m.vit, x).double())
             ys.append(y)
-        m.set_active(2)
+        m.set_current(True)
     f, y = torch.cat(feats), torch.cat(ys)
     for c in TASKS[0]:
-        assert torch.allclose(m.means[c], f[y == c].mean(0), atol=1e-6)
-        assert torch.allclose(m.covs[c].double(), torch.cov(f[y == c].T), atol=1e-6)
-    assert torch.count_nonzero(m.means[3:]) == 0 and torch.count_nonzero(m.covs[3:]) == 0
-    chol = torch.linalg.cholesky_ex(m.covs[:3].double() + m.cfg.ca_shrink * torch.eye(32, dtype=D64))
+        assert torch.allclose(m.ca_mean[c], f[y == c].mean(0), atol=1e-6)
+        assert torch.allclose(m.ca_cov[c].double(), torch.cov(f[y == c].T), atol=1e-6)
+    assert torch.count_nonzero(m.ca_mean[3:]) == 0 and torch.count_nonzero(m.ca_cov[3:]) == 0
+    chol = torch.linalg.cholesky_ex(m.ca_cov[:3].double() + m.cfg.ca_shrink * torch.eye(32, dtype=D64))
     assert (chol.info == 0).all()  # Sigma_c + delta I is positive definite
 
 
@@ -417,8 +574,9 @@ def test_gaussian_replay_has_the_stored_mean_and_covariance(seed, d, log_var):
     cov = a @ a.transpose(1, 2) / d + 1e-2 * torch.eye(d, dtype=D64)
     torch.manual_seed(seed)
     n = 4000
-    x = M.gaussian_replay(mu, torch.linalg.cholesky(cov), n)
-    assert x.shape == (3, n, d)
+    x, labels = M.gaussian_replay(mu, torch.linalg.cholesky(cov), n)
+    assert x.shape == (3 * n, d) and torch.equal(labels, torch.arange(3).repeat_interleave(n))
+    x = x.reshape(3, n, d)  # class-major
     sd = torch.diagonal(cov, dim1=1, dim2=2).sqrt()
     assert ((x.mean(1) - mu).abs() <= 5 * sd / n**0.5).all()  # 5 sigma of the sample mean
     emp = torch.stack([torch.cov(xc.T) for xc in x])
@@ -433,7 +591,7 @@ def test_end_task_0_does_not_align_and_ca_none_skips_everything(built):
     heads = snapshot(m.heads)
     m.end_task(0, TASKS[0], data)
     assert all(torch.equal(v, snapshot(m.heads)[k]) for k, v in heads.items())
-    assert torch.count_nonzero(m.means[:3]) > 0
+    assert torch.count_nonzero(m.ca_mean[:3]) > 0
     m, data = copy.deepcopy(built[0]), built[1]
     with_cfg(m, ca="none")
     before = snapshot(m)
@@ -441,18 +599,19 @@ def test_end_task_0_does_not_align_and_ca_none_skips_everything(built):
     assert all(torch.equal(v, snapshot(m)[k]) for k, v in before.items())
 
 
-def test_alignment_changes_only_the_heads_and_restores_their_trainability(task1):
+def test_alignment_changes_only_the_heads_and_leaves_them_frozen(task1):
     m, data = task1
-    before, trainable = snapshot(m), {n for n, p in m.named_parameters() if p.requires_grad}
+    before = snapshot(m)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad and not n.startswith("heads.")}
     m.end_task(1, TASKS[1], data)
     after = snapshot(m)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    stats = {"means", "covs"}
+    stats = {"ca_mean", "ca_cov"}
     assert changed - stats and all(k.startswith("heads.") for k in changed - stats)
     assert any(k.startswith("heads.0.") for k in changed)  # the old head is aligned too
     assert {k for k in changed & stats} == stats  # task 1's statistics were written
-    assert torch.equal(before["means"][:3], after["means"][:3])  # old statistics never change
-    assert [p.requires_grad for p in m.heads.parameters()] == [False, False, True, True]
+    assert torch.equal(before["ca_mean"][:3], after["ca_mean"][:3])  # old statistics never change
+    assert not any(p.requires_grad for p in m.heads.parameters())  # grow() of the next task unfreezes h_{t+1}
     assert {n for n, p in m.named_parameters() if p.requires_grad} == trainable
     assert all(p.grad is None for p in m.heads.parameters())
 
@@ -470,7 +629,7 @@ def test_alignment_loss_minimises_entropy_and_normalises_the_ce(seed, n_cls, c):
     scaled_entropy = -((c * z).softmax(1) * (c * z).log_softmax(1)).sum(1).mean()
     assert float(scaled - scaled_entropy) == pytest.approx(float(value - entropy), rel=1e-6)
     assert float(scaled) < float(value)
-    # per-sample: every row of z is normalised by its own norm (protocol.md §8 `sr2`: global over the classes)
+    # per-sample: every row of z is normalised by its own norm, over all classes at once (utils/losses.py L61-62)
     rows = torch.stack([M.alignment_loss(z[i:i + 1], y[i:i + 1], 0.1) for i in range(len(z))])
     assert float(value) == pytest.approx(float(rows.mean()), rel=1e-9)
 
@@ -506,11 +665,11 @@ def test_alignment_separates_well_separated_classes(ca):
     m.grow(0, TASKS[0])
     m.grow(1, TASKS[1])
     with torch.no_grad():
-        m.means.copy_(torch.randn(6, 32, dtype=D64))
-        m.covs.copy_(1e-3 * torch.eye(32).expand(6, 32, 32))
-    assert not torch.equal(m.logits(m.means.float()).argmax(1), torch.arange(6))  # random heads do not
-    m.align_classifiers()
-    assert torch.equal(m.logits(m.means.float()).argmax(1), torch.arange(6))
+        m.ca_mean.copy_(torch.randn(6, 32, dtype=D64))
+        m.ca_cov.copy_(1e-3 * torch.eye(32).expand(6, 32, 32))
+    assert not torch.equal(m.logits(m.ca_mean.float()).argmax(1), torch.arange(6))  # random heads do not
+    m.align_heads(1)
+    assert torch.equal(m.logits(m.ca_mean.float()).argmax(1), torch.arange(6))
 
 
 def test_inference_logits_are_raw_and_normalisation_keeps_the_argmax(task1):
@@ -518,21 +677,6 @@ def test_inference_logits_are_raw_and_normalisation_keeps_the_argmax(task1):
     x, _ = next(iter(data.plain))
     with torch.no_grad():
         z = m(x)
-        assert torch.equal(z, torch.cat([h(m.vit(x)) for h in m.heads], 1))
+        assert torch.equal(z, torch.cat([h(features(m.vit, x)) for h in m.heads], 1))
         z_norm = z / (0.1 * (z.norm(dim=-1, keepdim=True) + 1e-7))
     assert torch.equal(z.argmax(1), z_norm.argmax(1))
-
-
-# ----------------------------------------------------------------------------------------------------
-# End to end
-
-
-def test_smoke_run(tmp_path):
-    subprocess.run([sys.executable, "train.py", "--method", "sr2_lora", "--preset", "smoke", "--tasks", "2",
-                    "--epochs", "1", "--ca-epochs", "2", "--quiet", "--out", str(tmp_path)],
-                   cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    (res,) = list(tmp_path.rglob("results.json"))
-    results = json.loads(res.read_text())
-    acc = results["acc_matrix"]
-    assert len(acc) == 2 and [len(row) for row in acc] == [1, 2]
-    assert all(0.0 <= a <= 100.0 for row in acc for a in row)

@@ -225,25 +225,11 @@ else
   ST=(--backbone vit_base_patch16_224 --batch-size 128 --amp bf16 --device "$DEVICE")
 fi
 ST_METHODS="$(printf '%s\n' "${METHOD_LIST[@]}" | grep -vx simple_cil | paste -sd, -)"  # simple_cil does not train
-if grep -q -- '"--out"' bench/step_time.py; then
-  ST_OUT="$OUT/step_time_${DEV}.json"
-  cmd=("$PY" bench/step_time.py --methods "$ST_METHODS" "${ST[@]}" --out "$ST_OUT")
-else  # step_time.py writes bench/results/step_time_<device>.json: run a copy in $WORK so no committed file changes
-  SHADOW="$WORK/shadow"
-  if [ "$DRY" = 0 ]; then
-    rm -rf "$SHADOW"; mkdir -p "$SHADOW/bench"
-    cp bench/step_time.py "$SHADOW/bench/"
-    for f in backbone.py data.py methods; do ln -s "$PWD/$f" "$SHADOW/$f"; done
-  fi
-  ST_OUT="$SHADOW/bench/results/step_time_${DEV}.json"
-  cmd=("$PY" "$SHADOW/bench/step_time.py" --methods "$ST_METHODS" "${ST[@]}")
-fi
+ST_OUT="$OUT/step_time_${DEV}.json"
+cmd=("$PY" bench/step_time.py --methods "$ST_METHODS" "${ST[@]}" --out "$ST_OUT")
 show "${cmd[@]}"
-[ "$DRY" = 1 ] || rm -f "$ST_OUT" "$OUT/step_time_${DEV}.json"
+[ "$DRY" = 1 ] || rm -f "$ST_OUT"
 run step_time 240 "${cmd[@]}"
-if [ "$DRY" = 0 ] && [ -f "$ST_OUT" ] && [ "$ST_OUT" != "$OUT/step_time_${DEV}.json" ]; then
-  cp "$ST_OUT" "$OUT/step_time_${DEV}.json"
-fi
 fi
 
 [ "$DRY" = 1 ] && { note "dry run: nothing was run"; exit 0; }

@@ -2,10 +2,12 @@
 
     python bench/step_time.py                       # cpu preset shapes: vit_small32, batch 64, fp32
     python bench/step_time.py --device cuda --backbone vit_base_patch16_224 --batch-size 128 --amp bf16
+    python bench/step_time.py --methods cl_lora,cl_lora:kd_update=joint     # a variant: method:field=value,...
 
 Each method is built on the same backbone, grown through two tasks of random 32 px images (so that methods
-with a previous model, distillation or projections run their task-2 path), then timed for --steps optimizer
-steps (loss, backward, step) after --warmup steps. Methods are timed in interleaved rounds, so a change in
+with a previous model, distillation or projections run their task-2 path), then timed for --steps training
+batches after --warmup batches. A batch is what train.py does with one batch: loss, backward, optimizer step;
+a method whose loss yields one loss per optimizer step (CL-LoRA's two-step update) takes all its steps. Methods are timed in interleaved rounds, so a change in
 machine load hits all of them alike; the table reports the median over rounds and the ratio to seq_lora.
 Results go to bench/results/step_time_<device>.json and are printed as a markdown table.
 """
@@ -37,11 +39,25 @@ def task_data(classes, n_per_class, img, batch, seed):
                        plain=DataLoader(ds, batch_size=256))
 
 
-def build(name, args):
+def variant(spec: str) -> tuple[str, dict]:
+    """'cl_lora:kd_update=joint,rank=8' -> ('cl_lora', {'kd_update': 'joint', 'rank': 8}), typed by the Config."""
+    name, _, rest = spec.partition(":")
+    fields = {f.name: f for f in dataclasses.fields(METHODS[name].Config)}
+    over = {}
+    for kv in filter(None, rest.split(",")):
+        k, v = kv.split("=", 1)
+        typ = type(getattr(METHODS[name].Config(), k))
+        over[k] = (v.lower() in ("1", "true", "yes")) if typ is bool else typ(v)
+        assert k in fields, f"{name} has no option {k}"
+    return name, over
+
+
+def build(spec, args):
     torch.manual_seed(0)
     vit, info = bb.create(args.backbone, args.weights)
+    name, over = variant(spec)
     module = METHODS[name]
-    cfg = dataclasses.replace(module.Config(), batch_size=args.batch_size, epochs=1000)  # schedules never run out
+    cfg = dataclasses.replace(module.Config(), batch_size=args.batch_size, epochs=1000, **over)  # schedules never end
     m = module.Method(vit, 20, cfg).to(args.device)
     img = info["config"]["img_size"]
     for t in range(2):
@@ -59,10 +75,11 @@ def build(name, args):
 
 def step(m, opt, sched, x, y, args):
     with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-        loss = m.loss(x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+        out = m.loss(x, y)
+    for loss in [out] if isinstance(out, torch.Tensor) else out:  # a generator yields one loss per step
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     if sched is not None:
         sched.step()
 
@@ -79,6 +96,7 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps per method and round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", default="", help="results file (default: bench/results/step_time_<device>.json)")
     args = p.parse_args()
     names = args.methods.split(",")
     built = {}
@@ -102,14 +120,14 @@ def main():
              "ratio_to_seq_lora": statistics.median(times[n]) / ref if ref else None,
              "trainable_params": sum(q.numel() for g in built[n][1].param_groups for q in g["params"])}
             for n in names]
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    out = os.path.join(os.path.dirname(__file__), "results", f"step_time_{args.device.split(':')[0]}.json")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"step_time_{args.device.split(':')[0]}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "rows": rows}, f, indent=1)
-    print(f"| method | s/step | ratio to seq_lora | trainable |\n|---|---|---|---|")
+    print("| method | s/batch | ratio to seq_lora | trainable |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['seconds_per_step']:.4f} | {r['ratio_to_seq_lora']:.2f} | {r['trainable_params']:,} |")
+        print(f"| {r['method']} | {r['seconds_per_step']:.4f} | {r['ratio_to_seq_lora'] or float('nan'):.2f} | {r['trainable_params']:,} |")
     print(f"-> {out}")
 
 

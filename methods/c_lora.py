@@ -7,7 +7,8 @@ Official code: none released. The optional classifier alignment (off by default)
 (liangyanshuo/InfLoRA @ e08b00e `methods/inflora_ca1.py`, "inflora_ca1.py L<n>" below; the same code as
 methods/inflora.py).
 
-THIS FILE IS A RECONSTRUCTION. Where each part comes from is marked in the comments:
+THIS FILE IS A RECONSTRUCTION (its choices beyond the sources: "Deviations" below). Where each part comes
+from is marked in the comments:
     [FORMAL]  the core algebra of the paper's Eqs. 3-17 and 26 and Theorem 3.1, as restated by a third-party
               Lean formalisation (`ContinualLowRankRouting.lean`, MeTTapedia project): delta W = left R right,
               R = R_old + R_delta, the old route's gradient stopped, Theorem 3.1, ||Q_old^T R_delta||_F^2

@@ -2,7 +2,7 @@
 
 Paper: Liang and Li, "InfLoRA: Interference-Free Low-Rank Adaptation for Continual Learning", CVPR 2024,
 arXiv 2404.00228. Official code: liangyanshuo/InfLoRA @ e08b00e; line numbers below are at that commit
-(`methods/inflora.py` unless another file is named).
+(`methods/inflora.py` unless another file is named). Where this file departs from it: "Deviations" below.
 
 Implements (A = down-projection r x d, designed and frozen; B = up-projection d x r, trained; the paper
 swaps the names: its B_t is our A_t):

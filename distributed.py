@@ -53,8 +53,13 @@ def init() -> Dist:
     return Dist(torch.distributed.get_rank(), world)
 
 
-def close(dist: Dist) -> None:
+def close(dist: Dist, finished: bool) -> None:
+    """Tear the process group down. After a finished run every process first waits for the others at a barrier,
+    so none destroys its group while another still talks to it (gloo can abort a process then); after an error
+    there is no barrier, since the others may never reach it."""
     if dist.world > 1:
+        if finished:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

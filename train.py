@@ -676,13 +676,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, cfg, saved = parse(argv)
-        dist = distributed.init()
+        dist, finished = distributed.init(), False
         try:  # ranks > 0 print nothing (method hooks print progress); their errors still reach stderr
             with contextlib.redirect_stdout(open(os.devnull, "w") if dist.rank > 0 else sys.stdout), \
                     contextlib.ExitStack() as locks:  # released however the run ends
                 run(args, cfg, dist, saved, locks)
+            finished = True
         finally:
-            distributed.close(dist)
+            distributed.close(dist, finished)
     except (UsageError, cil_data.DataError, bb.WeightsError, NonFiniteLoss) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2

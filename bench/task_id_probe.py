@@ -7,11 +7,14 @@ scores the test images of every seen class three ways:
     task-id        the task of the task-agnostic prediction equals the image's task
 plus, per task, how many test images each task's classes win.
 
-    python bench/task_id_probe.py bench/runs/cifar100__cl_lora__s0__... [--data-root ../shared/data]
+    python bench/task_id_probe.py bench/runs/cifar100__cl_lora__s0__... [--data-root ../shared/data] [--json F]
+
+--json F also writes the three accuracies, the images won per task and the per-task rows to F.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -26,6 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--json", default=None, help="also write the numbers to this file")
     a = p.parse_args()
     args, cfg, saved = train.parse(["--resume", a.run_dir] + (["--data-root", a.data_root] if a.data_root else []))
     stream, method, _, _, _, progress = train.setup(args, cfg, saved)  # rebuilds the finished tasks, loads the state
@@ -47,10 +51,21 @@ def main() -> None:
           f"{100 * (within == y).mean():.2f}   task-id acc {100 * (task_of[pred] == ty).mean():.2f}")
     won = np.bincount(task_of[pred], minlength=k)
     print("test images won by each task's classes:", won.tolist(), "of", np.bincount(ty, minlength=k).tolist())
+    rows = []
     for j in range(k):
         s = ty == j
-        print(f"  task {j + 1}: task-agnostic {100 * (pred[s] == y[s]).mean():5.1f}  within-task "
-              f"{100 * (within[s] == y[s]).mean():5.1f}  task-id {100 * (task_of[pred[s]] == j).mean():5.1f}")
+        rows.append({"task": j + 1, "task_agnostic": 100 * float((pred[s] == y[s]).mean()),
+                     "within_task": 100 * float((within[s] == y[s]).mean()),
+                     "task_id": 100 * float((task_of[pred[s]] == j).mean())})
+        print(f"  task {j + 1}: task-agnostic {rows[-1]['task_agnostic']:5.1f}  within-task "
+              f"{rows[-1]['within_task']:5.1f}  task-id {rows[-1]['task_id']:5.1f}")
+    if a.json:
+        out = {"method": args.method, "tasks": k, "images": int(len(y)),
+               "task_agnostic": 100 * float((pred == y).mean()), "within_task": 100 * float((within == y).mean()),
+               "task_id": 100 * float((task_of[pred] == ty).mean()), "won": won.tolist(),
+               "per_task": rows}
+        with open(a.json, "w") as f:
+            f.write(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""Run the CPU benchmark: every row of the results table for each training seed, one run at a time.
+
+    python bench/cpu_benchmark.py                      # all rows, seeds 0 1 2 (seed-major), skipping done ones
+    python bench/cpu_benchmark.py --rows cl_lora joint --seeds 1
+    python bench/cpu_benchmark.py --list               # what is done, what is left, nothing run
+    python bench/cpu_benchmark.py --commit             # git-commit each finished run (and the tables) at once
+
+A row is a train.py run on the `cpu` preset (CIFAR-100, 10 tasks of 10 classes, class order seed 1993, v2
+weights) with the row's extra options. After each run the task-id probe scores its final checkpoint, and the
+run's results.json, config.json, acc_matrix.csv, its log and the probe's numbers are copied to
+bench/results/cpu/<row>/seed<S>/; the checkpoint stays in bench/runs/ (not in the repository). Then
+bench/table.py rewrites the tables from every finished run. A row/seed whose results.json is there is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results", "cpu")
+RUNS = os.path.join(HERE, "runs", "cpu")
+
+# row name -> train.py options; the order is the table's
+ROWS = {
+    "joint": ["--method", "seq_lora", "--tasks", "1"],
+    "seq_lora": ["--method", "seq_lora"],
+    "simple_cil": ["--method", "simple_cil"],
+    "inflora": ["--method", "inflora"],
+    "inflora_ca": ["--method", "inflora", "--ca"],
+    "sd_lora": ["--method", "sd_lora"],
+    "sd_lora_rr": ["--method", "sd_lora", "--variant", "rr"],
+    "sd_lora_kd": ["--method", "sd_lora", "--variant", "kd"],
+    "cl_lora": ["--method", "cl_lora"],
+    "c_lora": ["--method", "c_lora"],
+    "keep_lora": ["--method", "keep_lora"],
+    "sr2_lora": ["--method", "sr2_lora"],
+    "sr2_lora_ca_ce": ["--method", "sr2_lora", "--ca", "ce"],
+}
+SEEDS = (0, 1, 2)
+KEPT = ("results.json", "config.json", "acc_matrix.csv")
+
+
+def done(row: str, seed: int) -> bool:
+    return os.path.isfile(os.path.join(RESULTS, row, f"seed{seed}", "results.json"))
+
+
+def command(row: str, seed: int, data_root: str, weights: str, out: str) -> list[str]:
+    tasks = [] if "--tasks" in ROWS[row] else ["--tasks", "10"]  # joint sets its own
+    return [sys.executable, "train.py", "--preset", "cpu", *tasks, *ROWS[row], "--seed", str(seed),
+            "--data-root", data_root, "--weights", weights, "--out", out]
+
+
+def run_one(row: str, seed: int, data_root: str, weights: str) -> str:
+    """One train.py run and its probe; returns the results folder. Raises on a failed run."""
+    out = os.path.join(RUNS, f"{row}_s{seed}")
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished earlier attempt
+    os.makedirs(out)
+    log = os.path.join(out, "train.log")
+    cmd = command(row, seed, data_root, weights, os.path.relpath(out, ROOT))
+    t0 = time.time()
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd[1:]) + "\n")
+        f.flush()
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"{row} seed {seed}: train.py exited {rc}; see {log}")
+    run_dir = next(os.path.join(out, d) for d in os.listdir(out) if os.path.isdir(os.path.join(out, d)))
+    dest = os.path.join(RESULTS, row, f"seed{seed}")
+    os.makedirs(dest, exist_ok=True)
+    probe = os.path.join(dest, "task_id.json")
+    with open(os.path.join(dest, "probe.txt"), "w") as f:
+        rc = subprocess.run([sys.executable, os.path.join(HERE, "task_id_probe.py"), run_dir, "--data-root", data_root,
+                             "--json", probe], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"{row} seed {seed}: task_id_probe.py exited {rc}; see {dest}/probe.txt")
+    with open(log, "a") as f:
+        f.write(f"wall time of the run: {time.time() - t0:.0f} s (probe included)\n")
+    shutil.copy(log, os.path.join(dest, "train.log"))
+    for name in reversed(KEPT):  # results.json last: done() reads it
+        shutil.copy(os.path.join(run_dir, name), os.path.join(dest, name))
+    return dest
+
+
+def commit(row: str, seed: int, dest: str) -> None:
+    """Commit this run's files and the regenerated tables (only these paths), retrying while git is busy."""
+    with open(os.path.join(dest, "results.json")) as f:
+        last = json.load(f)["last_acc"]
+    paths = [os.path.relpath(dest, ROOT), "README.md", "bench/README.md", "bench/results/cpu_summary.json",
+             "bench/results/cpu_curves.png", "bench/results/cpu_last_acc.png"]
+    paths = [p for p in paths if os.path.exists(os.path.join(ROOT, p))]
+    for _ in range(30):
+        add = subprocess.run(["git", "add", "--", *paths], cwd=ROOT, capture_output=True, text=True)
+        if add.returncode == 0:
+            c = subprocess.run(["git", "commit", "-q", "-m", f"cpu benchmark: {row} seed {seed} (A_T {last:.2f})",
+                                "--", *paths], cwd=ROOT, capture_output=True, text=True)
+            if c.returncode == 0:
+                return
+        time.sleep(10)
+    print(f"could not commit {row} seed {seed}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    p.add_argument("--data-root", default=os.environ.get("CIL_DATA") or os.path.join(ROOT, "..", "shared", "data"))
+    p.add_argument("--weights", default=os.path.join(ROOT, "..", "shared", "weights", "vit_small32_tin.pth"))
+    p.add_argument("--list", action="store_true", help="print what is done and what is left; run nothing")
+    p.add_argument("--commit", action="store_true", help="git-commit each finished run with the regenerated tables")
+    a = p.parse_args()
+    todo = [(r, s) for s in a.seeds for r in a.rows if not done(r, s)]
+    if a.list:
+        for s in a.seeds:
+            print(f"seed {s}: done " + " ".join(r for r in a.rows if done(r, s)))
+        print("left:", " ".join(f"{r}/s{s}" for r, s in todo) or "nothing")
+        return
+    for row, seed in todo:
+        t0 = time.time()
+        print(f"{time.strftime('%H:%M:%S')} {row} seed {seed} ...", flush=True)
+        dest = run_one(row, seed, os.path.abspath(a.data_root), os.path.abspath(a.weights))
+        table = os.path.join(HERE, "table.py")
+        if os.path.isfile(table):
+            subprocess.run([sys.executable, table], cwd=ROOT)
+        if a.commit:
+            commit(row, seed, dest)
+        print(f"{time.strftime('%H:%M:%S')} {row} seed {seed} done in {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

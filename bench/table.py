@@ -1,0 +1,389 @@
+"""Every results table in README.md and bench/README.md, made from the results files under bench/results/.
+
+    python bench/table.py            # rewrite the tables, bench/results/cpu_summary.json and the two figures
+    python bench/table.py --check    # exit 1, naming each table (or the summary) that is out of date
+
+A table sits between a line `<!-- table:NAME -->` and a line `<!-- /table:NAME -->`; NAME is a key of TABLES
+below, whose function reads its results file(s) and returns the markdown. Nothing between the markers is ever
+typed by hand. `--check` also fails on a markdown table outside the markers unless its header line is one of
+NOT_RESULTS (the tables that describe options and formulas, not measurements), and on a missing figure. The
+figures themselves are not compared (their bytes depend on the matplotlib version); they are redrawn by the
+rewrite, which is the only part that imports matplotlib.
+
+The CPU benchmark (bench/cpu_benchmark.py) writes bench/results/cpu/<row>/seed<S>/{results.json, task_id.json,
+...}. Over the finished seeds of a row: mean and sample standard deviation (ddof = 1; none for one seed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from cpu_benchmark import ROWS, SEEDS  # noqa: E402  (no torch: the row list only)
+
+DOCS = ("README.md", os.path.join("bench", "README.md"))
+SUMMARY = os.path.join("bench", "results", "cpu_summary.json")
+FIGURES = (os.path.join("bench", "results", "cpu_curves.png"), os.path.join("bench", "results", "cpu_last_acc.png"))
+METRICS = ("last_acc", "avg_inc_acc", "forgetting")
+# header lines of the markdown tables that are not results (options, formulas, method descriptions)
+NOT_RESULTS = {
+    "| preset | backbone | data | epochs, batch | precision | what it is for |",
+    "| `--method` | paper | official code (commit read) | what differs from sequential LoRA |",
+    "| metric | formula | in results.json |",
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the results
+
+
+def load(root: str, rel: str):
+    with open(os.path.join(root, rel)) as f:
+        return json.load(f)
+
+
+def label(row: str) -> str:
+    """'joint (`seq_lora --tasks 1`)', 'inflora `--ca`', 'sd_lora `--variant rr`', 'cl_lora'."""
+    opts = ROWS[row]
+    method, extra = opts[opts.index("--method") + 1], [o for i, o in enumerate(opts)
+                                                       if o != "--method" and opts[i - 1] != "--method"]
+    if row == "joint":
+        return f"joint (`{method} {' '.join(extra)}`)"
+    return method + (f" `{' '.join(extra)}`" if extra else "")
+
+
+def cpu_runs(root: str) -> dict:
+    """row -> {seed: {"results": ..., "probe": ... or None}} for every finished run."""
+    out = {}
+    for row in ROWS:
+        seeds = {}
+        base = os.path.join(root, "bench", "results", "cpu", row)
+        for d in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            m = re.fullmatch(r"seed(\d+)", d)
+            if m and os.path.isfile(os.path.join(base, d, "results.json")):
+                probe = os.path.join(base, d, "task_id.json")
+                seeds[int(m.group(1))] = {"results": load(base, os.path.join(d, "results.json")),
+                                          "probe": load(base, os.path.join(d, "task_id.json"))
+                                          if os.path.isfile(probe) else None}
+        out[row] = dict(sorted(seeds.items()))
+    return out
+
+
+def stats(xs: list[float]) -> dict:
+    n = len(xs)
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else None
+    return {"mean": round(mean, 4), "std": None if std is None else round(std, 4)}
+
+
+def pm(s: dict | None) -> str:
+    if s is None:
+        return "–"
+    return f"{s['mean']:.2f}" + (f" ± {s['std']:.2f}" if s["std"] is not None else "")
+
+
+def metric(seeds: dict, key: str) -> dict | None:
+    """stats of a results.json field over seeds; forgetting of a one-task run (joint) is undefined: None."""
+    xs = [s["results"][key] for s in seeds.values()
+          if not (key.startswith("forgetting") and s["results"]["tasks_done"] < 2)]
+    return stats(xs) if xs else None
+
+
+def probe_metric(seeds: dict, key: str) -> dict | None:
+    xs = [s["probe"][key] for s in seeds.values() if s["probe"] is not None]
+    return stats(xs) if xs else None
+
+
+def summary(root: str) -> dict:
+    runs, rows = cpu_runs(root), []
+    for row, seeds in runs.items():
+        if not seeds:
+            continue
+        entry = {"row": row, "seeds": list(seeds)}
+        for key in METRICS:
+            entry[key] = metric(seeds, key)
+        entry["task_id_acc"] = probe_metric(seeds, "task_id")
+        entry["within_task_acc"] = probe_metric(seeds, "within_task")
+        rows.append(entry)
+    return {"benchmark": "CIFAR-100 B0-Inc10, train.py --preset cpu (vit_small32, v2 weights vit_small32_tin.pth), "
+                         "class order seed 1993; mean and sample std (ddof 1) over the training seeds",
+            "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tables
+
+
+def md(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                     ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def t_cpu(root: str) -> str:
+    """README: the CPU benchmark, mean ± std over seeds, with the task-id probe."""
+    runs, rows = cpu_runs(root), []
+    for row, seeds in runs.items():
+        done = f"{len(seeds)} of {len(SEEDS)}"
+        if not seeds:
+            rows.append([label(row), done, "pending", "", "", "", ""])
+            continue
+        rows.append([label(row), done] + [pm(metric(seeds, k)) for k in METRICS] +
+                    [pm(probe_metric(seeds, "task_id")), pm(probe_metric(seeds, "within_task"))])
+    return md(["row", "seeds", "last acc A_T", "avg. incremental Ā", "forgetting F", "task-id acc", "within-task acc"],
+              rows)
+
+
+def t_cpu_seeds(root: str) -> str:
+    """bench/README: every seed's numbers, and the metrics the README leaves out."""
+    rows = []
+    for row, seeds in cpu_runs(root).items():
+        for seed, s in seeds.items():
+            r, p = s["results"], s["probe"]
+            one = r["tasks_done"] < 2
+            rows.append([label(row), str(seed), f"{r['last_acc']:.2f}", f"{r['avg_inc_acc']:.2f}",
+                         "–" if one else f"{r['forgetting']:.2f}", "–" if one else f"{r['forgetting_pilot']:.2f}",
+                         "–" if one else f"{r['bwt']:.2f}", " / ".join(f"{a:.1f}" for a in r["curve"]),
+                         f"{r['acc_matrix'][-1][-1]:.2f}",
+                         "–" if p is None else f"{p['task_agnostic']:.2f} / {p['within_task']:.2f} / {p['task_id']:.2f}"])
+    return md(["row", "seed", "A_T", "Ā", "F", "F (PILOT)", "BWT", "a_t after each task", "newest task (last)",
+               "probe: task-agnostic / within-task / task-id"], rows)
+
+
+def t_cpu_v1(root: str) -> str:
+    """bench/README: the earlier single-seed runs (v1 backbone, code before the method-file review)."""
+    names = ["seq_lora", "simple_cil", "inflora", "inflora_ca", "sd_lora", "sd_lora_rr", "cl_lora", "c_lora",
+             "keep_lora", "sr2_lora", "sr2_lora_ca_ce"]
+    rows = []
+    for n in names:
+        r = load(root, f"bench/results/cpu_v1/{n}_results.json")
+        rows.append([label(n), f"{r['last_acc']:.2f}", f"{r['avg_inc_acc']:.2f}", f"{r['forgetting']:.2f}",
+                     " / ".join(f"{a:.1f}" for a in r["curve"])])
+    return md(["row", "A_T", "Ā", "F", "a_t after each task"], rows)
+
+
+def t_sr2_ca_probe_v1(root: str) -> str:
+    """bench/README: sr2_ca_probe.py's printout (v1 backbone, task 7), one row per alignment loss."""
+    with open(os.path.join(root, "bench", "results", "cpu_v1", "sr2_ca_probe_task7.txt")) as f:
+        lines = f.read().splitlines()[1:]
+    rows = []
+    for line in lines:
+        m = re.fullmatch(r"(.+?)\s+test acc\s+([\d.]+)\s+replay acc\s+([\d.]+)\s+test images won by each task's head "
+                         r"\[([\d, ]+)\]", line.strip())
+        if m:
+            rows.append([m.group(1), m.group(2), m.group(3), m.group(4)])
+    return md(["alignment loss", "test acc", "replay acc", "test images won by each task's head (1000 each)"], rows)
+
+
+def t_step_time(root: str, rel: str = "bench/results/step_time_cpu.json") -> str:
+    rows = [[r["method"], f"{r['seconds_per_step']:.3f}",
+             "–" if r["ratio_to_seq_lora"] is None else f"{r['ratio_to_seq_lora']:.2f}", f"{r['trainable_params']:,}"]
+            for r in load(root, rel)["rows"]]
+    return md(["method", "s/step", "ratio to seq_lora", "trainable parameters (task 2)"], rows)
+
+
+def t_kd_update_runs(root: str) -> str:
+    import compare_runs
+    base = os.path.join(root, "bench", "results", "cl_lora_kd_update")
+    lines = ["| run | a_t after each task | old classes (last task) | newest task | optimiser steps per task "
+             "| s per batch per task |", "|---|---|---|---|---|---|"]
+    return "\n".join(lines + [compare_runs.row(n, os.path.join(base, f"{n}_results.json")) for n in ("two_step", "joint")])
+
+
+def t_kd_update_step_time(root: str) -> str:
+    return t_step_time(root, "bench/results/step_time_cl_lora_kd_update_cpu.json")
+
+
+def t_adapter_mechanism(root: str) -> str:
+    rows = [[r["variant"], f"{r['seconds_per_step']:.4f}", f"{r['ratio_to_old']:.3f}"]
+            for r in load(root, "bench/results/adapter_mechanism_cpu.json")["rows"]]
+    return md(["variant", "s/step", "ratio to old"], rows)
+
+
+def t_long_sequences(root: str) -> str:
+    import long_sequences
+    res = load(root, "bench/results/long_sequences.json")
+    by = {}
+    for r in res["rows"]:
+        by.setdefault(r["method"], {})[r["tasks"]] = r
+    rows = []
+    for method, cells in by.items():
+        Ts = sorted(cells)
+        last = cells[Ts[-1]]
+        ok = all(c.get("stored_matches_expected") for c in cells.values())
+        fit = long_sequences.fit_growth([cells[T] for T in Ts])
+        growth = "–" if fit is None else f"{fit[0]:,.0f} + {fit[1]:,.0f}·n_t (residual {fit[2]:.0f})"
+        rows.append([method, " / ".join(f"{cells[T]['peak_rss_mib']:.0f}" for T in Ts), f"{last['stored_params'][-1]:,}",
+                     growth, "yes" if ok else "NO", f"{last['mean_task_seconds']:.2f} / {last['mean_eval_seconds']:.2f}"])
+    Ts = " / ".join(str(T) for T in sorted({r["tasks"] for r in res["rows"]}))
+    return md(["method", f"peak RSS MiB, T = {Ts}", f"stored after T = {max(r['tasks'] for r in res['rows'])}",
+               "stored growth per task (fit over every T)", "= header formula, every task",
+               "s/task at the largest T (train+hooks / eval)"], rows)
+
+
+def t_constant_cost(root: str) -> str:
+    import constant_cost
+    res = load(root, "bench/results/constant_cost.json")
+    return constant_cost.describe(res) + "\n\n" + constant_cost.table(res)
+
+
+def t_paper_shapes(root: str) -> str:
+    import paper_shapes
+    res = load(root, "bench/results/paper_shapes_cpu.json")
+    return paper_shapes.describe(res) + "\n\n" + paper_shapes.table(res)
+
+
+# name -> function(root) -> markdown; the docs say where each one goes
+TABLES = {
+    "cpu": t_cpu,
+    "cpu_seeds": t_cpu_seeds,
+    "cpu_v1": t_cpu_v1,
+    "sr2_ca_probe_v1": t_sr2_ca_probe_v1,
+    "step_time": t_step_time,
+    "kd_update_runs": t_kd_update_runs,
+    "kd_update_step_time": t_kd_update_step_time,
+    "adapter_mechanism": t_adapter_mechanism,
+    "long_sequences": t_long_sequences,
+    "constant_cost": t_constant_cost,
+    "paper_shapes": t_paper_shapes,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures (the rewrite only)
+
+
+def figures(root: str) -> None:
+    runs = {row: seeds for row, seeds in cpu_runs(root).items() if seeds}
+    if not runs:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+    for i, (row, seeds) in enumerate(runs.items()):
+        curves = np.array([s["results"]["curve"] for s in seeds.values()])
+        c, name = colors[i % 20], f"{label(row).replace('`', '')} (n={len(seeds)})"
+        if curves.shape[1] == 1:  # joint: one task over all classes, drawn as a reference line
+            ax.axhline(curves.mean(), color=c, ls="--", lw=1.2, label=name)
+            continue
+        t, mean = np.arange(1, curves.shape[1] + 1), curves.mean(0)
+        ax.plot(t, mean, color=c, marker="o", ms=3, lw=1.4, label=name)
+        if len(curves) > 1:
+            ax.fill_between(t, curves.min(0), curves.max(0), color=c, alpha=0.15, lw=0)
+    ax.set_xticks(range(1, 11))
+    ax.set(xlabel="after task", ylabel="accuracy on all seen classes a_t (%)",
+           title="CIFAR-100 B0-Inc10, --preset cpu (vit_small32, v2 weights): mean, band = min-max over seeds")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, FIGURES[0]), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [label(r).replace("`", "") for r in runs]
+    means = [metric(s, "last_acc")["mean"] for s in runs.values()]
+    stds = [metric(s, "last_acc")["std"] or 0.0 for s in runs.values()]
+    ax.bar(range(len(runs)), means, yerr=stds, capsize=3, color=[colors[i % 20] for i in range(len(runs))])
+    ax.set_xticks(range(len(runs)), [f"{n}\n(n={len(s)})" for n, s in zip(names, runs.values())],
+                  rotation=45, ha="right", fontsize=7)
+    ax.set(ylabel="last accuracy A_T (%)", title="A_T, mean ± sample std over seeds (--preset cpu)")
+    ax.title.set_fontsize(9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, FIGURES[1]), dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewriting and checking the documents
+
+MARK = re.compile(r"<!-- (/?)table:([a-z0-9_]+) -->")
+
+
+def rewrite(text: str, root: str, doc: str) -> tuple[str, list[str]]:
+    """(the document with every table block re-rendered, the names of the blocks that changed)."""
+    out, changed, lines, i = [], [], text.split("\n"), 0
+    while i < len(lines):
+        m = MARK.fullmatch(lines[i].strip())
+        if not m:
+            out.append(lines[i])
+            i += 1
+            continue
+        closing, name = m.groups()
+        if closing or name not in TABLES:
+            raise SystemExit(f"{doc}:{i + 1}: " + (f"'{lines[i].strip()}' closes no open table" if closing
+                             else f"unknown table '{name}' (known: {', '.join(TABLES)})"))
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == f"<!-- /table:{name} -->"), None)
+        if end is None:
+            raise SystemExit(f"{doc}:{i + 1}: table '{name}' is not closed by '<!-- /table:{name} -->'")
+        new = TABLES[name](root).split("\n")
+        if lines[i + 1:end] != new:
+            changed.append(name)
+        out += [lines[i]] + new + [lines[end]]
+        i = end + 1
+    return "\n".join(out), changed
+
+
+def stray_tables(text: str) -> list[str]:
+    """Header lines of markdown tables outside the markers that are not in NOT_RESULTS."""
+    out, inside, prev = [], False, ""
+    for line in text.split("\n"):
+        m = MARK.fullmatch(line.strip())
+        if m:
+            inside = not m.group(1)
+        elif line.startswith("|") and not prev.startswith("|") and not inside and line.strip() not in NOT_RESULTS:
+            out.append(line.strip())
+        prev = line
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if anything is out of date")
+    p.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)  # the tests' copy of the tree
+    a = p.parse_args(argv)
+    problems = []
+    for doc in DOCS:
+        path = os.path.join(a.root, doc)
+        with open(path) as f:
+            text = f.read()
+        new, changed = rewrite(text, a.root, doc)
+        problems += [f"{doc}: table '{n}' is out of date" for n in changed]
+        problems += [f"{doc}: a results table outside the table markers: {h[:80]}" for h in stray_tables(text)]
+        if not a.check and new != text:
+            with open(path, "w") as f:
+                f.write(new)
+    summ = json.dumps(summary(a.root), indent=1) + "\n"
+    spath = os.path.join(a.root, SUMMARY)
+    old = open(spath).read() if os.path.isfile(spath) else None
+    if old != summ:
+        problems.append(f"{SUMMARY} is out of date")
+        if not a.check:
+            with open(spath, "w") as f:
+                f.write(summ)
+    if a.check:
+        if any(cpu_runs(a.root).values()):
+            problems += [f"{f} is missing (run python bench/table.py)" for f in FIGURES
+                         if not os.path.isfile(os.path.join(a.root, f))]
+        for line in problems:
+            print(line)
+        return 1 if problems else 0
+    figures(a.root)
+    for line in problems:
+        if "outside the table markers" in line:
+            print(line)
+    return 1 if any("outside the table markers" in line for line in problems) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""bench/table.py: the results tables are generated from the results files, and --check catches a stale one."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import cpu_benchmark  # noqa: E402
+import table  # noqa: E402
+
+
+def run_table(root, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", "table.py"), "--root", str(root), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A copy of the documents and results files: the tests change it, never the repository."""
+    os.makedirs(tmp_path / "bench")
+    shutil.copy(os.path.join(ROOT, "README.md"), tmp_path / "README.md")
+    shutil.copy(os.path.join(ROOT, "bench", "README.md"), tmp_path / "bench" / "README.md")
+    shutil.copytree(os.path.join(ROOT, "bench", "results"), tmp_path / "bench" / "results")
+    shutil.rmtree(tmp_path / "bench" / "results" / "cpu", ignore_errors=True)  # start from no runs
+    return tmp_path
+
+
+def fake_run(root, row, seed, last, avg, forget, task_id=20.0, tasks=10):
+    d = root / "bench" / "results" / "cpu" / row / f"seed{seed}"
+    os.makedirs(d)
+    curve = [avg] * (tasks - 1) + [last]
+    acc = [[50.0] * (t + 1) for t in range(tasks)]
+    (d / "results.json").write_text(json.dumps({
+        "curve": curve, "last_acc": last, "avg_inc_acc": avg, "forgetting": forget, "forgetting_pilot": forget,
+        "bwt": -forget, "acc_matrix": acc, "n_test": [100] * tasks, "tasks_done": tasks}))
+    (d / "task_id.json").write_text(json.dumps({"task_agnostic": last, "within_task": 60.0, "task_id": task_id}))
+
+
+def test_the_repository_tables_are_up_to_date():
+    r = run_table(ROOT, "--check")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_mean_and_sample_std_over_seeds(tree):
+    fake_run(tree, "seq_lora", 0, last=10.0, avg=20.0, forget=30.0, task_id=12.0)
+    fake_run(tree, "seq_lora", 1, last=14.0, avg=22.0, forget=26.0, task_id=16.0)
+    fake_run(tree, "joint", 0, last=55.0, avg=55.0, forget=0.0, tasks=1)
+    md = table.t_cpu(str(tree))
+    row = next(line for line in md.splitlines() if line.startswith("| seq_lora |"))
+    # sample std of (10, 14) is sqrt(8) = 2.83; of (30, 26) too; task-id (12, 16)
+    assert row == "| seq_lora | 2 of 3 | 12.00 ± 2.83 | 21.00 ± 1.41 | 28.00 ± 2.83 | 14.00 ± 2.83 | 60.00 ± 0.00 |"
+    joint = next(line for line in md.splitlines() if line.startswith("| joint"))
+    assert "| 1 of 3 | 55.00 | 55.00 | – |" in joint  # one seed: no std; one task: no forgetting
+    assert "| simple_cil | 0 of 3 | pending |" in md
+    s = table.summary(str(tree))
+    assert [r["row"] for r in s["rows"]] == ["joint", "seq_lora"]  # the table's order, finished rows only
+    seq = s["rows"][1]
+    assert seq["seeds"] == [0, 1]
+    assert seq["last_acc"] == {"mean": 12.0, "std": round(8 ** 0.5, 4)}
+    assert seq["avg_inc_acc"]["mean"] == 21.0 and seq["forgetting"]["mean"] == 28.0
+    assert s["rows"][0]["forgetting"] is None and s["rows"][0]["last_acc"]["std"] is None
+
+
+def test_check_fails_on_a_new_run_and_the_rewrite_fixes_it(tree):
+    assert run_table(tree, "--check").returncode == 0
+    fake_run(tree, "inflora", 2, last=11.0, avg=21.0, forget=9.0)
+    r = run_table(tree, "--check")
+    assert r.returncode == 1
+    assert "README.md: table 'cpu' is out of date" in r.stdout
+    assert "bench/results/cpu_summary.json is out of date" in r.stdout
+    assert "cpu_curves.png is missing" in r.stdout
+    before = (tree / "README.md").read_text()
+    assert run_table(tree).returncode == 0
+    assert run_table(tree, "--check").returncode == 0
+    after = (tree / "README.md").read_text()
+    assert "| inflora | 1 of 3 | 11.00 | 21.00 | 9.00 | 20.00 | 60.00 |" in after and after != before
+    for f in table.FIGURES:
+        assert (tree / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tree / table.SUMMARY).read_text())
+    assert summary["rows"][0]["row"] == "inflora" and summary["rows"][0]["seeds"] == [2]
+
+
+def test_a_hand_edit_inside_the_markers_is_caught(tree):
+    doc = tree / "bench" / "README.md"
+    text = doc.read_text()
+    assert "| old (slots in Attention.forward) | 0.4504 |" in text
+    doc.write_text(text.replace("| old (slots in Attention.forward) | 0.4504 |", "| old (slots in Attention.forward) | 0.4000 |"))
+    r = run_table(tree, "--check")
+    assert r.returncode == 1 and "bench/README.md: table 'adapter_mechanism' is out of date" in r.stdout
+    assert run_table(tree).returncode == 0 and doc.read_text() == text
+
+
+def test_a_results_table_outside_the_markers_is_caught(tree):
+    doc = tree / "README.md"
+    doc.write_text(doc.read_text() + "\n| method | A_T |\n|---|---|\n| seq_lora | 99.0 |\n")
+    r = run_table(tree, "--check")
+    assert r.returncode == 1 and "a results table outside the table markers: | method | A_T |" in r.stdout
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("<!-- table:nonsense -->\n<!-- /table:nonsense -->", "unknown table 'nonsense'"),
+    ("<!-- table:cpu -->\n| x |", "table 'cpu' is not closed"),
+    ("<!-- /table:cpu -->", "closes no open table"),
+])
+def test_broken_markers_are_one_line_errors(tree, bad, message):
+    doc = tree / "README.md"
+    doc.write_text(doc.read_text() + "\n" + bad + "\n")
+    r = run_table(tree, "--check")
+    assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_benchmark_rows_are_valid_train_commands(tmp_path):
+    import train
+    assert list(cpu_benchmark.ROWS)[:3] == ["joint", "seq_lora", "simple_cil"]
+    assert len(cpu_benchmark.ROWS) == 13 and cpu_benchmark.SEEDS == (0, 1, 2)
+    data, weights = os.path.join(ROOT, "..", "shared", "data"), os.path.join(ROOT, "..", "shared", "weights",
+                                                                              "vit_small32_tin.pth")
+    if not os.path.isfile(weights):
+        pytest.skip("../shared/weights is not beside the project")
+    for row in cpu_benchmark.ROWS:
+        cmd = cpu_benchmark.command(row, 2, data, weights, str(tmp_path / row))
+        assert cmd[1] == "train.py" and cmd.count("--tasks") == 1 and cmd[cmd.index("--seed") + 1] == "2"
+        args, cfg, _ = train.parse(cmd[2:])
+        assert args.preset == "cpu" and args.seed == 2 and args.order_seed == 1993
+        assert args.tasks == (1 if row == "joint" else 10)
+        # every method at its defaults but the row's own options
+        assert table.label(row).split()[0] in ("joint", args.method)
+    args, cfg, _ = train.parse(cpu_benchmark.command("sr2_lora_ca_ce", 0, data, weights, str(tmp_path))[2:])
+    assert cfg.ca == "ce"
+    args, cfg, _ = train.parse(cpu_benchmark.command("sd_lora_kd", 0, data, weights, str(tmp_path))[2:])
+    assert cfg.variant == "kd"
+    args, cfg, _ = train.parse(cpu_benchmark.command("inflora_ca", 0, data, weights, str(tmp_path))[2:])
+    assert cfg.ca is True

@@ -139,6 +139,26 @@ def t_cpu(root: str) -> str:
               rows)
 
 
+def t_cpu_goal(root: str) -> str:
+    """The issue's goal, row by row: above seq_lora on A_T, below it on forgetting, the best within 3 of joint."""
+    runs = cpu_runs(root)
+    seq, joint = runs["seq_lora"], runs["joint"]
+    if not seq or not joint:
+        return md(["row", "A_T − seq_lora's", "F − seq_lora's", "joint's A_T − A_T"],
+                  [["(needs the seq_lora and joint runs)", "", "", ""]])
+    s_a, s_f, j_a = (metric(seq, "last_acc")["mean"], metric(seq, "forgetting")["mean"],
+                     metric(joint, "last_acc")["mean"])
+    rows = []
+    for row, seeds in runs.items():
+        if row in ("joint", "seq_lora") or not seeds:
+            continue
+        a, f = metric(seeds, "last_acc")["mean"], metric(seeds, "forgetting")["mean"]
+        rows.append([label(row), f"{len(seeds)} of {len(SEEDS)}", f"{a - s_a:+.2f}", "yes" if a > s_a else "NO",
+                     f"{f - s_f:+.2f}", "yes" if f < s_f else "NO", f"{j_a - a:.2f}", "yes" if j_a - a <= 3 else "no"])
+    return md(["row", "seeds", "A_T − seq_lora's", "above", "F − seq_lora's", "below", "joint's A_T − A_T",
+               "within 3"], rows)
+
+
 def t_cpu_seeds(root: str) -> str:
     """bench/README: every seed's numbers, and the metrics the README leaves out."""
     rows = []
@@ -241,6 +261,7 @@ def t_paper_shapes(root: str) -> str:
 # name -> function(root) -> markdown; the docs say where each one goes
 TABLES = {
     "cpu": t_cpu,
+    "cpu_goal": t_cpu_goal,
     "cpu_seeds": t_cpu_seeds,
     "cpu_v1": t_cpu_v1,
     "sr2_ca_probe_v1": t_sr2_ca_probe_v1,

@@ -28,6 +28,10 @@ def tree(tmp_path):
     shutil.copy(os.path.join(ROOT, "bench", "README.md"), tmp_path / "bench" / "README.md")
     shutil.copytree(os.path.join(ROOT, "bench", "results"), tmp_path / "bench" / "results")
     shutil.rmtree(tmp_path / "bench" / "results" / "cpu", ignore_errors=True)  # start from no runs
+    for f in table.FIGURES:
+        if os.path.exists(tmp_path / f):
+            os.remove(tmp_path / f)
+    assert run_table(tmp_path).returncode == 0  # the tables of no runs
     return tmp_path
 
 
@@ -65,6 +69,18 @@ def test_mean_and_sample_std_over_seeds(tree):
     assert seq["last_acc"] == {"mean": 12.0, "std": round(8 ** 0.5, 4)}
     assert seq["avg_inc_acc"]["mean"] == 21.0 and seq["forgetting"]["mean"] == 28.0
     assert s["rows"][0]["forgetting"] is None and s["rows"][0]["last_acc"]["std"] is None
+
+
+def test_goal_table_compares_each_row_with_seq_lora_and_joint(tree):
+    assert "needs the seq_lora and joint runs" in table.t_cpu_goal(str(tree))
+    fake_run(tree, "seq_lora", 0, last=10.0, avg=20.0, forget=30.0)
+    fake_run(tree, "joint", 0, last=40.0, avg=40.0, forget=0.0, tasks=1)
+    fake_run(tree, "sd_lora", 0, last=38.5, avg=45.0, forget=12.0)
+    fake_run(tree, "c_lora", 0, last=9.0, avg=19.0, forget=31.0)
+    fake_run(tree, "c_lora", 1, last=11.5, avg=19.0, forget=31.0)
+    md = table.t_cpu_goal(str(tree)).splitlines()
+    assert md[2:] == ["| sd_lora | 1 of 3 | +28.50 | yes | -18.00 | yes | 1.50 | yes |",
+                      "| c_lora | 2 of 3 | +0.25 | yes | +1.00 | NO | 29.75 | no |"]
 
 
 def test_check_fails_on_a_new_run_and_the_rewrite_fixes_it(tree):

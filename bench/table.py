@@ -290,14 +290,15 @@ def figures(root: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+    fixed = {"joint": "black", "seq_lora": "black", "simple_cil": "grey"}  # the bounds and the no-training row
     for i, (row, seeds) in enumerate(runs.items()):
         curves = np.array([s["results"]["curve"] for s in seeds.values()])
-        c, name = colors[i % 20], f"{label(row).replace('`', '')} (n={len(seeds)})"
+        c, name = fixed.get(row, colors[i % 20]), f"{label(row).replace('`', '')} (n={len(seeds)})"
         if curves.shape[1] == 1:  # joint: one task over all classes, drawn as a reference line
             ax.axhline(curves.mean(), color=c, ls="--", lw=1.2, label=name)
             continue
         t, mean = np.arange(1, curves.shape[1] + 1), curves.mean(0)
-        ax.plot(t, mean, color=c, marker="o", ms=3, lw=1.4, label=name)
+        ax.plot(t, mean, color=c, marker="o", ms=3, lw=1.4, label=name, ls=":" if row in fixed else "-")
         if len(curves) > 1:
             ax.fill_between(t, curves.min(0), curves.max(0), color=c, alpha=0.15, lw=0)
     ax.set_xticks(range(1, 11))
@@ -314,7 +315,8 @@ def figures(root: str) -> None:
     names = [label(r).replace("`", "") for r in runs]
     means = [metric(s, "last_acc")["mean"] for s in runs.values()]
     stds = [metric(s, "last_acc")["std"] or 0.0 for s in runs.values()]
-    ax.bar(range(len(runs)), means, yerr=stds, capsize=3, color=[colors[i % 20] for i in range(len(runs))])
+    ax.bar(range(len(runs)), means, yerr=stds, capsize=3,
+           color=[fixed.get(r, colors[i % 20]) for i, r in enumerate(runs)])
     ax.set_xticks(range(len(runs)), [f"{n}\n(n={len(s)})" for n, s in zip(names, runs.values())],
                   rotation=45, ha="right", fontsize=7)
     ax.set(ylabel="last accuracy A_T (%)", title="A_T, mean ± sample std over seeds (--preset cpu)")

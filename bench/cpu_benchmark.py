@@ -10,6 +10,9 @@ weights) with the row's extra options. After each run the task-id probe scores i
 run's results.json, config.json, acc_matrix.csv, its log and the probe's numbers are copied to
 bench/results/cpu/<row>/seed<S>/; the checkpoint stays in bench/runs/ (not in the repository). Then
 bench/table.py rewrites the tables from every finished run. A row/seed whose results.json is there is skipped.
+The sr2_lora rows also keep `sr2_ca_probe.py`'s printout (ca_probe.txt): SR²'s alignment loss against two
+others, re-run from the final heads. After each run the script starts itself again (done runs are skipped),
+so an edit of it takes effect at the next run.
 """
 from __future__ import annotations
 
@@ -79,6 +82,12 @@ def run_one(row: str, seed: int, data_root: str, weights: str) -> str:
                              "--json", probe], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise RuntimeError(f"{row} seed {seed}: task_id_probe.py exited {rc}; see {dest}/probe.txt")
+    if row == "sr2_lora":  # SR²'s own alignment loss against two others, from this run's final heads
+        with open(os.path.join(dest, "ca_probe.txt"), "w") as f:
+            rc = subprocess.run([sys.executable, os.path.join(HERE, "sr2_ca_probe.py"), run_dir, "--data-root",
+                                 data_root], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise RuntimeError(f"{row} seed {seed}: sr2_ca_probe.py exited {rc}; see {dest}/ca_probe.txt")
     with open(log, "a") as f:
         f.write(f"wall time of the run: {time.time() - t0:.0f} s (probe included)\n")
     shutil.copy(log, os.path.join(dest, "train.log"))
@@ -130,6 +139,8 @@ def main() -> None:
         if a.commit:
             commit(row, seed, dest)
         print(f"{time.strftime('%H:%M:%S')} {row} seed {seed} done in {time.time() - t0:.0f} s", flush=True)
+        # start again from the top (done runs are skipped), so an edit of this file takes effect at the next run
+        os.execv(sys.executable, [sys.executable] + sys.argv)
 
 
 if __name__ == "__main__":

@@ -187,9 +187,9 @@ def t_cpu_v1(root: str) -> str:
     return md(["row", "A_T", "Ā", "F", "a_t after each task"], rows)
 
 
-def t_sr2_ca_probe_v1(root: str) -> str:
-    """bench/README: sr2_ca_probe.py's printout (v1 backbone, task 7), one row per alignment loss."""
-    with open(os.path.join(root, "bench", "results", "cpu_v1", "sr2_ca_probe_task7.txt")) as f:
+def ca_probe_rows(path: str) -> list[list[str]]:
+    """sr2_ca_probe.py's printout -> [loss, test acc, replay acc, images won per task's head] per alignment loss."""
+    with open(path) as f:
         lines = f.read().splitlines()[1:]
     rows = []
     for line in lines:
@@ -197,7 +197,24 @@ def t_sr2_ca_probe_v1(root: str) -> str:
                          r"\[([\d, ]+)\]", line.strip())
         if m:
             rows.append([m.group(1), m.group(2), m.group(3), m.group(4)])
+    return rows
+
+
+def t_sr2_ca_probe_v1(root: str) -> str:
+    """bench/README: sr2_ca_probe.py on the v1 run's task-7 checkpoint."""
+    rows = ca_probe_rows(os.path.join(root, "bench", "results", "cpu_v1", "sr2_ca_probe_task7.txt"))
     return md(["alignment loss", "test acc", "replay acc", "test images won by each task's head (1000 each)"], rows)
+
+
+def t_sr2_ca_probe(root: str) -> str:
+    """bench/README: sr2_ca_probe.py on the final checkpoint of every sr2_lora benchmark run."""
+    rows = []
+    for seed in cpu_runs(root)["sr2_lora"]:
+        path = os.path.join(root, "bench", "results", "cpu", "sr2_lora", f"seed{seed}", "ca_probe.txt")
+        if os.path.isfile(path):
+            rows += [[str(seed)] + r for r in ca_probe_rows(path)]
+    return md(["seed", "alignment loss (from the run's final heads)", "test acc", "replay acc",
+               "test images won by each task's head (1000 each)"], rows or [["(no sr2_lora run yet)", "", "", "", ""]])
 
 
 def t_step_time(root: str, rel: str = "bench/results/step_time_cpu.json") -> str:
@@ -264,6 +281,7 @@ TABLES = {
     "cpu_goal": t_cpu_goal,
     "cpu_seeds": t_cpu_seeds,
     "cpu_v1": t_cpu_v1,
+    "sr2_ca_probe": t_sr2_ca_probe,
     "sr2_ca_probe_v1": t_sr2_ca_probe_v1,
     "step_time": t_step_time,
     "kd_update_runs": t_kd_update_runs,

@@ -167,3 +167,14 @@ def test_benchmark_rows_are_valid_train_commands(tmp_path):
     assert cfg.variant == "kd"
     args, cfg, _ = train.parse(cpu_benchmark.command("inflora_ca", 0, data, weights, str(tmp_path))[2:])
     assert cfg.ca is True
+
+
+def test_sr2_alignment_probe_rows_come_from_each_runs_printout(tree):
+    assert "(no sr2_lora run yet)" in table.t_sr2_ca_probe(str(tree))
+    fake_run(tree, "sr2_lora", 1, last=5.0, avg=15.0, forget=4.0)
+    (tree / "bench" / "results" / "cpu" / "sr2_lora" / "seed1" / "ca_probe.txt").write_text(
+        "RUN: after task 10, 10000 test images of 100 classes\n"
+        "plain CE (vanilla / SLCA)        test acc 24.01  replay acc 26.30  test images won by each task's head "
+        "[1030, 1048]\n")
+    assert table.t_sr2_ca_probe(str(tree)).splitlines()[2] == \
+        "| 1 | plain CE (vanilla / SLCA) | 24.01 | 26.30 | 1030, 1048 |"

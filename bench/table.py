@@ -96,7 +96,8 @@ def metric(seeds: dict, key: str) -> dict | None:
 
 
 def probe_metric(seeds: dict, key: str) -> dict | None:
-    xs = [s["probe"][key] for s in seeds.values() if s["probe"] is not None]
+    """stats of a task_id.json field over seeds; a one-task run (joint) has no task to tell apart: None."""
+    xs = [s["probe"][key] for s in seeds.values() if s["probe"] is not None and s["results"]["tasks_done"] > 1]
     return stats(xs) if xs else None
 
 

@@ -334,8 +334,9 @@ def figures(root: str) -> None:
     names = [label(r).replace("`", "") for r in runs]
     means = [metric(s, "last_acc")["mean"] for s in runs.values()]
     stds = [metric(s, "last_acc")["std"] or 0.0 for s in runs.values()]
-    ax.bar(range(len(runs)), means, yerr=stds, capsize=3,
-           color=[fixed.get(r, colors[i % 20]) for i, r in enumerate(runs)])
+    bars = ax.bar(range(len(runs)), means, yerr=stds, capsize=3,
+                  color=[fixed.get(r, colors[i % 20]) for i, r in enumerate(runs)])
+    ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(range(len(runs)), [f"{n}\n(n={len(s)})" for n, s in zip(names, runs.values())],
                   rotation=45, ha="right", fontsize=7)
     ax.set(ylabel="last accuracy A_T (%)", title="A_T, mean ± sample std over seeds (--preset cpu)")

@@ -129,19 +129,19 @@ def main() -> None:
             print(f"seed {s}: done " + " ".join(r for r in a.rows if done(r, s)))
         print("left:", " ".join(f"{r}/s{s}" for r, s in todo) or "nothing")
         return
-    for row, seed in todo:
-        t0 = time.time()
-        print(f"{time.strftime('%H:%M:%S')} {row} seed {seed} ...", flush=True)
-        dest = run_one(row, seed, os.path.abspath(a.data_root), os.path.abspath(a.weights))
-        table = os.path.join(HERE, "table.py")
-        if os.path.isfile(table):
-            subprocess.run([sys.executable, table], cwd=ROOT)
-        if a.commit:
-            commit(row, seed, dest)
-        print(f"{time.strftime('%H:%M:%S')} {row} seed {seed} done in {time.time() - t0:.0f} s", flush=True)
-        # start again from the top (done runs are skipped), so an edit of this file takes effect at the next run
-        os.execv(sys.executable, [sys.executable] + sys.argv)
-
+    if not todo:
+        return
+    row, seed = todo[0]
+    t0 = time.time()
+    print(f"{time.strftime('%H:%M:%S')} {row} seed {seed} ...", flush=True)
+    dest = run_one(row, seed, os.path.abspath(a.data_root), os.path.abspath(a.weights))
+    subprocess.run([sys.executable, os.path.join(HERE, "table.py")], cwd=ROOT)
+    if a.commit:
+        commit(row, seed, dest)
+    print(f"{time.strftime('%H:%M:%S')} {row} seed {seed} done in {time.time() - t0:.0f} s", flush=True)
+    # then the next run: start again from the top (done runs are skipped), so that an edit of this file
+    # takes effect at the next run
+    os.execv(sys.executable, [sys.executable] + sys.argv)
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,9 @@ A row is a train.py run on the `cpu` preset (CIFAR-100, 10 tasks of 10 classes, 
 weights) with the row's extra options. After each run the task-id probe scores its final checkpoint, and the
 run's results.json, config.json, acc_matrix.csv, its log and the probe's numbers are copied to
 bench/results/cpu/<row>/seed<S>/; the checkpoint stays in bench/runs/ (not in the repository). Then
-bench/table.py rewrites the tables from every finished run. A row/seed whose results.json is there is skipped.
+bench/table.py rewrites the tables from every finished run. A row/seed whose results.json is there is skipped;
+one that an earlier attempt left stopped part-way (a session's end) continues after its last finished task
+(`train.py --resume`, which gives the results of an uninterrupted run and refuses options that differ).
 The sr2_lora rows also keep `sr2_ca_probe.py`'s printout (ca_probe.txt): SR²'s alignment loss against two
 others, re-run from the final heads. After each run the script starts itself again (done runs are skipped),
 so an edit of it takes effect at the next run.
@@ -59,15 +61,28 @@ def command(row: str, seed: int, data_root: str, weights: str, out: str) -> list
             "--data-root", data_root, "--weights", weights, "--out", out]
 
 
+def unfinished(out: str) -> str | None:
+    """The run directory an earlier, stopped attempt left in `out` with at least one finished task, else None."""
+    if not os.path.isdir(out):
+        return None
+    dirs = [os.path.join(out, d) for d in sorted(os.listdir(out))
+            if os.path.isfile(os.path.join(out, d, "checkpoint.pt"))]
+    return dirs[-1] if len(dirs) == 1 else None
+
+
 def run_one(row: str, seed: int, data_root: str, weights: str) -> str:
     """One train.py run and its probe; returns the results folder. Raises on a failed run."""
     out = os.path.join(RUNS, f"{row}_s{seed}")
-    shutil.rmtree(out, ignore_errors=True)  # an unfinished earlier attempt
-    os.makedirs(out)
     log = os.path.join(out, "train.log")
     cmd = command(row, seed, data_root, weights, os.path.relpath(out, ROOT))
+    earlier = unfinished(out)
+    if earlier:  # continue it after its last finished task: the same results as an uninterrupted run
+        cmd += ["--resume", os.path.relpath(earlier, ROOT)]  # train.py refuses if the options differ from the run's
+    else:  # nothing of an earlier attempt worth keeping
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
     t0 = time.time()
-    with open(log, "w") as f:
+    with open(log, "a") as f:
         f.write("$ " + " ".join(cmd[1:]) + "\n")
         f.flush()
         rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -89,7 +104,7 @@ def run_one(row: str, seed: int, data_root: str, weights: str) -> str:
         if rc != 0:
             raise RuntimeError(f"{row} seed {seed}: sr2_ca_probe.py exited {rc}; see {dest}/ca_probe.txt")
     with open(log, "a") as f:
-        f.write(f"wall time of the run: {time.time() - t0:.0f} s (probe included)\n")
+        f.write(f"wall time of the run{' since it resumed' if earlier else ''}: {time.time() - t0:.0f} s (probe included)\n")
     shutil.copy(log, os.path.join(dest, "train.log"))
     for name in reversed(KEPT):  # results.json last: done() reads it
         shutil.copy(os.path.join(run_dir, name), os.path.join(dest, name))

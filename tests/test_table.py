@@ -169,6 +169,32 @@ def test_benchmark_rows_are_valid_train_commands(tmp_path):
     assert cfg.ca is True
 
 
+def test_a_stopped_run_is_resumed_with_the_rows_own_options(tmp_path):
+    import dataclasses
+    import json
+    import train
+    data, weights = os.path.join(ROOT, "..", "shared", "data"), os.path.join(ROOT, "..", "shared", "weights",
+                                                                              "vit_small32_tin.pth")
+    if not os.path.isfile(weights):
+        pytest.skip("../shared/weights is not beside the project")
+    out = tmp_path / "sd_lora_kd_s1"
+    assert cpu_benchmark.unfinished(str(out)) is None  # no earlier attempt
+    run_dir = out / "cifar100__sd_lora__s1__20261201-000000"
+    run_dir.mkdir(parents=True)
+    assert cpu_benchmark.unfinished(str(out)) is None  # stopped before its first task finished: start again
+    cmd = cpu_benchmark.command("sd_lora_kd", 1, data, weights, str(out))
+    args, cfg, _ = train.parse(cmd[2:])
+    (run_dir / "config.json").write_text(json.dumps({  # what train.py writes when a run starts
+        "run": dataclasses.asdict(args), "method_config": dataclasses.asdict(cfg), "identity": {}}))
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    assert cpu_benchmark.unfinished(str(out)) == str(run_dir)
+    resumed, rcfg, saved = train.parse(cmd[2:] + ["--resume", str(run_dir)])
+    assert saved is not None and resumed.resume == str(run_dir) and rcfg == cfg
+    assert dataclasses.replace(resumed, resume="") == args
+    with pytest.raises(train.UsageError, match="seed"):  # a run of another row or seed is refused by train.py
+        train.parse(cpu_benchmark.command("sd_lora_kd", 2, data, weights, str(out))[2:] + ["--resume", str(run_dir)])
+
+
 def test_sr2_alignment_probe_rows_come_from_each_runs_printout(tree):
     assert "(no sr2_lora run yet)" in table.t_sr2_ca_probe(str(tree))
     fake_run(tree, "sr2_lora", 1, last=5.0, avg=15.0, forget=4.0)

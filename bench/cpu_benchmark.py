@@ -13,8 +13,9 @@ bench/table.py rewrites the tables from every finished run. A row/seed whose res
 one that an earlier attempt left stopped part-way (a session's end) continues after its last finished task
 (`train.py --resume`, which gives the results of an uninterrupted run and refuses options that differ).
 The sr2_lora rows also keep `sr2_ca_probe.py`'s printout (ca_probe.txt): SR²'s alignment loss against two
-others, re-run from the final heads. After each run the script starts itself again (done runs are skipped),
-so an edit of it takes effect at the next run.
+others, re-run from the final heads. The cl_lora rows keep `cl_lora_proto_probe.py`'s (proto_probe.txt, .json):
+the stored prototypes against fresh ones from the final model. After each run the script starts itself again
+(done runs are skipped), so an edit of it takes effect at the next run.
 """
 from __future__ import annotations
 
@@ -103,8 +104,16 @@ def run_one(row: str, seed: int, data_root: str, weights: str) -> str:
                                  data_root], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
         if rc != 0:
             raise RuntimeError(f"{row} seed {seed}: sr2_ca_probe.py exited {rc}; see {dest}/ca_probe.txt")
+    if row == "cl_lora":  # are its old prototypes stale? stored against fresh ones from the final model
+        with open(os.path.join(dest, "proto_probe.txt"), "w") as f:
+            rc = subprocess.run([sys.executable, os.path.join(HERE, "cl_lora_proto_probe.py"), run_dir,
+                                 "--data-root", data_root, "--json", os.path.join(dest, "proto_probe.json")],
+                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise RuntimeError(f"{row} seed {seed}: cl_lora_proto_probe.py exited {rc}; see {dest}/proto_probe.txt")
     with open(log, "a") as f:
-        f.write(f"wall time of the run{' since it resumed' if earlier else ''}: {time.time() - t0:.0f} s (probe included)\n")
+        since = " since it resumed" if earlier else ""
+        f.write(f"wall time of the run{since}: {time.time() - t0:.0f} s (probes included)\n")
     shutil.copy(log, os.path.join(dest, "train.log"))
     for name in reversed(KEPT):  # results.json last: done() reads it
         shutil.copy(os.path.join(run_dir, name), os.path.join(dest, name))

@@ -218,6 +218,21 @@ def t_sr2_ca_probe(root: str) -> str:
                "test images won by each task's head (1000 each)"], rows or [["(no sr2_lora run yet)", "", "", "", ""]])
 
 
+def t_cl_lora_proto_probe(root: str) -> str:
+    """bench/README: cl_lora_proto_probe.py (stored vs fresh prototypes) on every cl_lora benchmark run."""
+    rows = []
+    for seed in cpu_runs(root)["cl_lora"]:
+        path = os.path.join("bench", "results", "cpu", "cl_lora", f"seed{seed}", "proto_probe.json")
+        if os.path.isfile(os.path.join(root, path)):
+            p = load(root, path)
+            rows.append([str(seed), " / ".join(f"{c:.2f}" for c in p["cos_stored_fresh"])]
+                        + [x for k in ("stored", "fresh") for x in
+                           (f"{p[k]['acc']:.2f}", f"{p[k]['task_id']:.2f}", " / ".join(map(str, p[k]["won"])))])
+    return md(["seed", "cos(stored, fresh prototype) per task", "A_T stored", "task-id stored",
+               "images won per task, stored", "A_T fresh", "task-id fresh", "images won per task, fresh"],
+              rows or [["(no cl_lora probe yet)"] + [""] * 7])
+
+
 def t_step_time(root: str, rel: str = "bench/results/step_time_cpu.json") -> str:
     rows = [[r["method"], f"{r['seconds_per_step']:.3f}",
              "–" if r["ratio_to_seq_lora"] is None else f"{r['ratio_to_seq_lora']:.2f}", f"{r['trainable_params']:,}"]
@@ -284,6 +299,7 @@ TABLES = {
     "cpu_v1": t_cpu_v1,
     "sr2_ca_probe": t_sr2_ca_probe,
     "sr2_ca_probe_v1": t_sr2_ca_probe_v1,
+    "cl_lora_proto_probe": t_cl_lora_proto_probe,
     "step_time": t_step_time,
     "kd_update_runs": t_kd_update_runs,
     "kd_update_step_time": t_kd_update_step_time,

@@ -204,3 +204,14 @@ def test_sr2_alignment_probe_rows_come_from_each_runs_printout(tree):
         "[1030, 1048]\n")
     assert table.t_sr2_ca_probe(str(tree)).splitlines()[2] == \
         "| 1 | plain CE (vanilla / SLCA) | 24.01 | 26.30 | 1030, 1048 |"
+
+
+def test_cl_lora_prototype_probe_rows_come_from_each_runs_json(tree):
+    assert "(no cl_lora probe yet)" in table.t_cl_lora_proto_probe(str(tree))
+    fake_run(tree, "cl_lora", 2, last=20.0, avg=30.0, forget=10.0)
+    fake_run(tree, "cl_lora", 0, last=21.0, avg=31.0, forget=11.0)  # no probe file: no row
+    (tree / "bench" / "results" / "cpu" / "cl_lora" / "seed2" / "proto_probe.json").write_text(json.dumps({
+        "cos_stored_fresh": [0.5, 1.0], "stored": {"acc": 20.0, "task_id": 25.5, "won": [94, 1906]},
+        "fresh": {"acc": 27.125, "task_id": 33.0, "won": [900, 1100]}}))
+    lines = table.t_cl_lora_proto_probe(str(tree)).splitlines()
+    assert len(lines) == 3 and lines[2] == "| 2 | 0.50 / 1.00 | 20.00 | 25.50 | 94 / 1906 | 27.12 | 33.00 | 900 / 1100 |"

@@ -233,6 +233,21 @@ def t_cl_lora_proto_probe(root: str) -> str:
               rows or [["(no cl_lora probe yet)"] + [""] * 7])
 
 
+def t_ncm_probe(root: str) -> str:
+    """bench/README: ncm_probe.py (the run's classifier vs fresh class means) on the runs that have one."""
+    rows = []
+    for row, seeds in cpu_runs(root).items():
+        for seed in seeds:
+            path = os.path.join("bench", "results", "cpu", row, f"seed{seed}", "ncm_probe.json")
+            if os.path.isfile(os.path.join(root, path)):
+                p = load(root, path)
+                rows.append([label(row), str(seed)] + [x for k in ("run", "ncm") for x in
+                             (f"{p[k]['acc']:.2f}", f"{p[k]['task_id']:.2f}", " / ".join(map(str, p[k]["won"])))])
+    return md(["row", "seed", "A_T (run)", "task-id (run)", "images won per task (run)", "A_T (fresh means)",
+               "task-id (fresh means)", "images won per task (fresh means)"],
+              rows or [["(no probe yet)"] + [""] * 7])
+
+
 def t_step_time(root: str, rel: str = "bench/results/step_time_cpu.json") -> str:
     rows = [[r["method"], f"{r['seconds_per_step']:.3f}",
              "–" if r["ratio_to_seq_lora"] is None else f"{r['ratio_to_seq_lora']:.2f}", f"{r['trainable_params']:,}"]
@@ -300,6 +315,7 @@ TABLES = {
     "sr2_ca_probe": t_sr2_ca_probe,
     "sr2_ca_probe_v1": t_sr2_ca_probe_v1,
     "cl_lora_proto_probe": t_cl_lora_proto_probe,
+    "ncm_probe": t_ncm_probe,
     "step_time": t_step_time,
     "kd_update_runs": t_kd_update_runs,
     "kd_update_step_time": t_kd_update_step_time,

@@ -215,3 +215,14 @@ def test_cl_lora_prototype_probe_rows_come_from_each_runs_json(tree):
         "fresh": {"acc": 27.125, "task_id": 33.0, "won": [900, 1100]}}))
     lines = table.t_cl_lora_proto_probe(str(tree)).splitlines()
     assert len(lines) == 3 and lines[2] == "| 2 | 0.50 / 1.00 | 20.00 | 25.50 | 94 / 1906 | 27.12 | 33.00 | 900 / 1100 |"
+
+
+def test_ncm_probe_rows_come_from_each_runs_json(tree):
+    assert "(no probe yet)" in table.t_ncm_probe(str(tree))
+    fake_run(tree, "c_lora", 0, last=12.0, avg=25.0, forget=40.0)
+    fake_run(tree, "seq_lora", 1, last=12.0, avg=25.0, forget=30.0)  # no probe file: no row
+    (tree / "bench" / "results" / "cpu" / "c_lora" / "seed0" / "ncm_probe.json").write_text(json.dumps({
+        "run": {"acc": 12.0, "task_id": 17.5, "won": [1, 1999]},
+        "ncm": {"acc": 20.0, "task_id": 30.0, "won": [990, 1010]}}))
+    lines = table.t_ncm_probe(str(tree)).splitlines()
+    assert len(lines) == 3 and lines[2] == "| c_lora | 0 | 12.00 | 17.50 | 1 / 1999 | 20.00 | 30.00 | 990 / 1010 |"

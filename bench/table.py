@@ -307,6 +307,29 @@ def t_paper_shapes(root: str) -> str:
 
 
 # name -> function(root) -> markdown; the docs say where each one goes
+def t_frozen_ca_probe(root: str) -> str:
+    """bench/README: frozen_ca_probe.py (sr2_lora's classifier on the frozen backbone) beside the runs it isolates:
+    sr2_lora --ca ce and sr2_lora (trained backbone, the same classifiers) and simple_cil (frozen, class means)."""
+    base, runs, rows = os.path.join(root, "bench", "results", "frozen_ca_probe"), cpu_runs(root), []
+    names = sorted(os.listdir(base)) if os.path.isdir(base) else []
+    for seed in sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"seed(\d+)\.json", n))):
+        p = load(base, f"seed{seed}.json")
+        for ca, r in p["runs"].items():
+            rows.append([str(seed), "frozen (this probe)", f"sr2_lora heads, `--ca {ca}` alignment",
+                         f"{r['last_acc']:.2f}", f"{r['avg_inc_acc']:.2f}", f"{r['task_id']:.2f}",
+                         " / ".join(map(str, r["won"]))])
+        for row, backbone, classifier in (("sr2_lora_ca_ce", "trained (the run)", "sr2_lora heads, `--ca ce`"),
+                                          ("sr2_lora", "trained (the run)", "sr2_lora heads, `--ca sr2`"),
+                                          ("simple_cil", "frozen (the run)", "class means (SimpleCIL)")):
+            run = runs[row].get(seed)
+            if run and run["probe"]:
+                r, q = run["results"], run["probe"]
+                rows.append([str(seed), backbone, classifier, f"{r['last_acc']:.2f}", f"{r['avg_inc_acc']:.2f}",
+                             f"{q['task_id']:.2f}", " / ".join(map(str, q["won"]))])
+    return md(["seed", "backbone", "classifier", "A_T", "Ā", "task-id", "images won per task"],
+              rows or [["(no probe yet)"] + [""] * 6])
+
+
 TABLES = {
     "cpu": t_cpu,
     "cpu_goal": t_cpu_goal,
@@ -316,6 +339,7 @@ TABLES = {
     "sr2_ca_probe_v1": t_sr2_ca_probe_v1,
     "cl_lora_proto_probe": t_cl_lora_proto_probe,
     "ncm_probe": t_ncm_probe,
+    "frozen_ca_probe": t_frozen_ca_probe,
     "step_time": t_step_time,
     "kd_update_runs": t_kd_update_runs,
     "kd_update_step_time": t_kd_update_step_time,

@@ -226,3 +226,19 @@ def test_ncm_probe_rows_come_from_each_runs_json(tree):
         "ncm": {"acc": 20.0, "task_id": 30.0, "won": [990, 1010]}}))
     lines = table.t_ncm_probe(str(tree)).splitlines()
     assert len(lines) == 3 and lines[2] == "| c_lora | 0 | 12.00 | 17.50 | 1 / 1999 | 20.00 | 30.00 | 990 / 1010 |"
+
+
+def test_frozen_ca_probe_rows_sit_beside_the_runs_of_the_same_seed(tree):
+    shutil.rmtree(tree / "bench" / "results" / "frozen_ca_probe", ignore_errors=True)
+    assert "(no probe yet)" in table.t_frozen_ca_probe(str(tree))
+    os.makedirs(tree / "bench" / "results" / "frozen_ca_probe")
+    (tree / "bench" / "results" / "frozen_ca_probe" / "seed1.json").write_text(json.dumps({"runs": {
+        "ce": {"last_acc": 30.0, "avg_inc_acc": 40.0, "task_id": 38.5, "won": [1000, 1000]}}}))
+    fake_run(tree, "sr2_lora_ca_ce", 1, last=31.0, avg=41.0, forget=5.0, task_id=39.0)
+    fake_run(tree, "sr2_lora_ca_ce", 0, last=1.0, avg=1.0, forget=1.0)  # another seed: not beside seed 1's probe
+    probe = tree / "bench" / "results" / "cpu" / "sr2_lora_ca_ce" / "seed1" / "task_id.json"
+    probe.write_text(json.dumps({**json.loads(probe.read_text()), "won": [900, 1100]}))
+    lines = table.t_frozen_ca_probe(str(tree)).splitlines()
+    assert lines[2:] == ["| 1 | frozen (this probe) | sr2_lora heads, `--ca ce` alignment | 30.00 | 40.00 | 38.50 | "
+                         "1000 / 1000 |",
+                         "| 1 | trained (the run) | sr2_lora heads, `--ca ce` | 31.00 | 41.00 | 39.00 | 900 / 1100 |"]

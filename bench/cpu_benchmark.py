@@ -14,7 +14,10 @@ one that an earlier attempt left stopped part-way (a session's end) continues af
 (`train.py --resume`, which gives the results of an uninterrupted run and refuses options that differ).
 The sr2_lora rows also keep `sr2_ca_probe.py`'s printout (ca_probe.txt): SR²'s alignment loss against two
 others, re-run from the final heads. The cl_lora rows keep `cl_lora_proto_probe.py`'s (proto_probe.txt, .json):
-the stored prototypes against fresh ones from the final model. After each run the script starts itself again
+the stored prototypes against fresh ones from the final model. Seed 0 of the rows in NCM_ROWS keeps
+`ncm_probe.py`'s (ncm_probe.txt, .json): the run's classifier against fresh class means. Each sr2_lora_ca_ce
+run is followed by `frozen_ca_probe.py` for its seed (results/frozen_ca_probe/seed<S>.txt, .json): the same
+classifier on the frozen backbone. After each run the script starts itself again
 (done runs are skipped), so an edit of it takes effect at the next run.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results", "cpu")
 RUNS = os.path.join(HERE, "runs", "cpu")
+FROZEN_CA = os.path.join(HERE, "results", "frozen_ca_probe")
 
 # row name -> train.py options; the order is the table's
 ROWS = {
@@ -49,6 +53,9 @@ ROWS = {
     "sr2_lora_ca_ce": ["--method", "sr2_lora", "--ca", "ce"],
 }
 SEEDS = (0, 1, 2)
+# the rows whose method evaluates through a folded backbone (ncm_probe.py), probed on seed 0 (minutes per run)
+NCM_ROWS = ("seq_lora", "inflora", "inflora_ca", "sd_lora", "sd_lora_rr", "sd_lora_kd", "c_lora", "keep_lora",
+            "sr2_lora", "sr2_lora_ca_ce")
 KEPT = ("results.json", "config.json", "acc_matrix.csv")
 
 
@@ -69,6 +76,25 @@ def unfinished(out: str) -> str | None:
     dirs = [os.path.join(out, d) for d in sorted(os.listdir(out))
             if os.path.isfile(os.path.join(out, d, "checkpoint.pt"))]
     return dirs[-1] if len(dirs) == 1 else None
+
+
+def probes(row: str, seed: int, run_dir: str, dest: str, data_root: str, weights: str) -> list[tuple[str, list[str]]]:
+    """What runs after a run, in order: (the file that keeps its printout, [script in bench/, its arguments])."""
+    out = [(os.path.join(dest, "probe.txt"), ["task_id_probe.py", run_dir, "--data-root", data_root, "--json",
+                                              os.path.join(dest, "task_id.json")])]
+    if row == "sr2_lora":  # SR²'s own alignment loss against two others, from this run's final heads
+        out.append((os.path.join(dest, "ca_probe.txt"), ["sr2_ca_probe.py", run_dir, "--data-root", data_root]))
+    if row == "cl_lora":  # are its old prototypes stale? stored against fresh ones from the final model
+        out.append((os.path.join(dest, "proto_probe.txt"), ["cl_lora_proto_probe.py", run_dir, "--data-root",
+                                                            data_root, "--json", os.path.join(dest, "proto_probe.json")]))
+    if seed == 0 and row in NCM_ROWS:  # representation or classifier? fresh class means on the final features
+        out.append((os.path.join(dest, "ncm_probe.txt"), ["ncm_probe.py", run_dir, "--data-root", data_root, "--json",
+                                                          os.path.join(dest, "ncm_probe.json")]))
+    if row == "sr2_lora_ca_ce":  # the same classifier on the frozen backbone (depends on the seed only)
+        base = os.path.join(FROZEN_CA, f"seed{seed}")
+        out.append((base + ".txt", ["frozen_ca_probe.py", "--data-root", data_root, "--weights", weights, "--seed",
+                                    str(seed), "--json", base + ".json"]))
+    return out
 
 
 def run_one(row: str, seed: int, data_root: str, weights: str) -> str:
@@ -92,25 +118,13 @@ def run_one(row: str, seed: int, data_root: str, weights: str) -> str:
     run_dir = next(os.path.join(out, d) for d in os.listdir(out) if os.path.isdir(os.path.join(out, d)))
     dest = os.path.join(RESULTS, row, f"seed{seed}")
     os.makedirs(dest, exist_ok=True)
-    probe = os.path.join(dest, "task_id.json")
-    with open(os.path.join(dest, "probe.txt"), "w") as f:
-        rc = subprocess.run([sys.executable, os.path.join(HERE, "task_id_probe.py"), run_dir, "--data-root", data_root,
-                             "--json", probe], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        raise RuntimeError(f"{row} seed {seed}: task_id_probe.py exited {rc}; see {dest}/probe.txt")
-    if row == "sr2_lora":  # SR²'s own alignment loss against two others, from this run's final heads
-        with open(os.path.join(dest, "ca_probe.txt"), "w") as f:
-            rc = subprocess.run([sys.executable, os.path.join(HERE, "sr2_ca_probe.py"), run_dir, "--data-root",
-                                 data_root], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    for txt, script in probes(row, seed, run_dir, dest, data_root, weights):
+        os.makedirs(os.path.dirname(txt), exist_ok=True)
+        with open(txt, "w") as f:
+            rc = subprocess.run([sys.executable, os.path.join(HERE, script[0]), *script[1:]], cwd=ROOT, stdout=f,
+                                stderr=subprocess.STDOUT).returncode
         if rc != 0:
-            raise RuntimeError(f"{row} seed {seed}: sr2_ca_probe.py exited {rc}; see {dest}/ca_probe.txt")
-    if row == "cl_lora":  # are its old prototypes stale? stored against fresh ones from the final model
-        with open(os.path.join(dest, "proto_probe.txt"), "w") as f:
-            rc = subprocess.run([sys.executable, os.path.join(HERE, "cl_lora_proto_probe.py"), run_dir,
-                                 "--data-root", data_root, "--json", os.path.join(dest, "proto_probe.json")],
-                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            raise RuntimeError(f"{row} seed {seed}: cl_lora_proto_probe.py exited {rc}; see {dest}/proto_probe.txt")
+            raise RuntimeError(f"{row} seed {seed}: {script[0]} exited {rc}; see {txt}")
     with open(log, "a") as f:
         since = " since it resumed" if earlier else ""
         f.write(f"wall time of the run{since}: {time.time() - t0:.0f} s (probes included)\n")
@@ -124,7 +138,7 @@ def commit(row: str, seed: int, dest: str) -> None:
     """Commit this run's files and the regenerated tables (only these paths), retrying while git is busy."""
     with open(os.path.join(dest, "results.json")) as f:
         last = json.load(f)["last_acc"]
-    paths = [os.path.relpath(dest, ROOT), "README.md", "bench/README.md", "bench/results/cpu_summary.json",
+    paths = [os.path.relpath(dest, ROOT), os.path.relpath(FROZEN_CA, ROOT), "README.md", "bench/README.md", "bench/results/cpu_summary.json",
              "bench/results/cpu_curves.png", "bench/results/cpu_last_acc.png"]
     paths = [p for p in paths if os.path.exists(os.path.join(ROOT, p))]
     for _ in range(30):

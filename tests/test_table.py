@@ -242,3 +242,21 @@ def test_frozen_ca_probe_rows_sit_beside_the_runs_of_the_same_seed(tree):
     assert lines[2:] == ["| 1 | frozen (this probe) | sr2_lora heads, `--ca ce` alignment | 30.00 | 40.00 | 38.50 | "
                          "1000 / 1000 |",
                          "| 1 | trained (the run) | sr2_lora heads, `--ca ce` | 31.00 | 41.00 | 39.00 | 900 / 1100 |"]
+
+
+def test_the_probes_after_a_run_depend_on_its_row_and_seed():
+    def scripts(row, seed):
+        return [s[0] for _, s in cpu_benchmark.probes(row, seed, "RUN", "DEST", "DATA", "W")]
+    assert scripts("simple_cil", 0) == ["task_id_probe.py"]
+    assert scripts("cl_lora", 1) == ["task_id_probe.py", "cl_lora_proto_probe.py"]
+    assert scripts("sr2_lora", 0) == ["task_id_probe.py", "sr2_ca_probe.py", "ncm_probe.py"]
+    assert scripts("sr2_lora_ca_ce", 2) == ["task_id_probe.py", "frozen_ca_probe.py"]
+    assert scripts("sd_lora_kd", 0) == ["task_id_probe.py", "ncm_probe.py"]
+    assert scripts("sd_lora_kd", 1) == ["task_id_probe.py"]
+    for row in cpu_benchmark.ROWS:
+        for txt, (script, *args) in cpu_benchmark.probes(row, 0, "RUN", "DEST", "DATA", "W"):
+            assert os.path.isfile(os.path.join(ROOT, "bench", script))
+            assert txt.endswith(".txt") and all(a.endswith(".json") for a in args if a.startswith("DEST"))
+    txt, (_, *args) = cpu_benchmark.probes("sr2_lora_ca_ce", 2, "RUN", "DEST", "DATA", "W")[-1]
+    assert txt == os.path.join(ROOT, "bench", "results", "frozen_ca_probe", "seed2.txt")
+    assert args[args.index("--seed") + 1] == "2" and args[args.index("--json") + 1] == txt[:-4] + ".json"

@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import train  # noqa: E402
 from backbone import features  # noqa: E402
 
-WEIGHTS = os.path.join("..", "shared", "weights", "vit_small32_tin.pth")
+HERE = os.path.dirname(os.path.abspath(__file__))
+WEIGHTS = os.path.join(HERE, "..", "..", "shared", "weights", "vit_small32_tin.pth")  # beside the repository
 
 
 @torch.no_grad()
@@ -78,7 +79,7 @@ def run(ca: str, a, cache: dict) -> dict:
     if "test" not in cache:
         cache["test"] = encode(m.vit, stream.test_loader(T - 1, 0, 1))  # every class's test images
     f_test, y_test = cache["test"]
-    curve, won = [], []
+    curve = []
     for t in range(T):
         classes = stream.tasks[t]
         train.seed_everything(train.task_seed(args.seed, t))

@@ -15,8 +15,10 @@ one that an earlier attempt left stopped part-way (a session's end) continues af
 The sr2_lora rows also keep `sr2_ca_probe.py`'s printout (ca_probe.txt): SR²'s alignment loss against two
 others, re-run from the final heads. The cl_lora rows keep `cl_lora_proto_probe.py`'s (proto_probe.txt, .json):
 the stored prototypes against fresh ones from the final model. Seed 0 of the rows in NCM_ROWS keeps
-`ncm_probe.py`'s (ncm_probe.txt, .json): the run's classifier against fresh class means. Each sr2_lora_ca_ce
-run is followed by `frozen_ca_probe.py` for its seed (results/frozen_ca_probe/seed<S>.txt, .json): the same
+`ncm_probe.py`'s (ncm_probe.txt, .json): the run's classifier against fresh class means. The inflora_ca and
+sr2_lora_ca_ce rows keep `ca_stats_probe.py`'s (ca_stats_probe.txt, .json): the run's alignment re-run on
+fresh class statistics (and for InfLoRA without its mean decay or logit norm). Each sr2_lora_ca_ce run is
+followed by `frozen_ca_probe.py` for its seed (results/frozen_ca_probe/seed<S>.txt, .json): the same
 classifier on the frozen backbone. After each run the script starts itself again
 (done runs are skipped), so an edit of it takes effect at the next run.
 """
@@ -90,6 +92,10 @@ def probes(row: str, seed: int, run_dir: str, dest: str, data_root: str, weights
     if seed == 0 and row in NCM_ROWS:  # representation or classifier? fresh class means on the final features
         out.append((os.path.join(dest, "ncm_probe.txt"), ["ncm_probe.py", run_dir, "--data-root", data_root, "--json",
                                                           os.path.join(dest, "ncm_probe.json")]))
+    if row in ("inflora_ca", "sr2_lora_ca_ce"):  # the alignment re-run on fresh statistics (and, for InfLoRA,
+        out.append((os.path.join(dest, "ca_stats_probe.txt"),  # without its mean decay or its logit norm)
+                    ["ca_stats_probe.py", run_dir, "--data-root", data_root, "--json",
+                     os.path.join(dest, "ca_stats_probe.json")]))
     if row == "sr2_lora_ca_ce":  # the same classifier on the frozen backbone (depends on the seed only)
         base = os.path.join(FROZEN_CA, f"seed{seed}")
         out.append((base + ".txt", ["frozen_ca_probe.py", "--data-root", data_root, "--weights", weights, "--seed",

@@ -330,6 +330,25 @@ def t_frozen_ca_probe(root: str) -> str:
               rows or [["(no probe yet)"] + [""] * 6])
 
 
+def t_ca_stats_probe(root: str) -> str:
+    """bench/README: ca_stats_probe.py (the run's alignment re-run without InfLoRA's rules, or on fresh statistics)
+    on the runs that have one, and how far each task's stored class means are from fresh ones."""
+    rows = []
+    for row, seeds in cpu_runs(root).items():
+        for seed in seeds:
+            path = os.path.join("bench", "results", "cpu", row, f"seed{seed}", "ca_stats_probe.json")
+            if os.path.isfile(os.path.join(root, path)):
+                p = load(root, path)
+                drift = [" / ".join(f"{d[k]:.3f}" for d in p["drift"]) for k in ("cos", "rel_shift")]
+                for tag, v in [("checkpoint (aligned in the run)", p["checkpoint"])] + list(p["variants"].items()):
+                    rows.append([label(row), str(seed), tag, f"{v['acc']:.2f}", f"{v['task_id']:.2f}",
+                                 " / ".join(map(str, v["won"]))] + drift)
+                    drift = ["", ""]  # per run, on its first line
+    return md(["row", "seed", "alignment re-run from the final heads", "A_T", "task-id", "images won per task",
+               "cos(stored, fresh class mean), per task", "‖stored − fresh‖ / ‖fresh‖, per task"],
+              rows or [["(no probe yet)"] + [""] * 7])
+
+
 TABLES = {
     "cpu": t_cpu,
     "cpu_goal": t_cpu_goal,
@@ -340,6 +359,7 @@ TABLES = {
     "cl_lora_proto_probe": t_cl_lora_proto_probe,
     "ncm_probe": t_ncm_probe,
     "frozen_ca_probe": t_frozen_ca_probe,
+    "ca_stats_probe": t_ca_stats_probe,
     "step_time": t_step_time,
     "kd_update_runs": t_kd_update_runs,
     "kd_update_step_time": t_kd_update_step_time,

@@ -228,6 +228,19 @@ def test_ncm_probe_rows_come_from_each_runs_json(tree):
     assert len(lines) == 3 and lines[2] == "| c_lora | 0 | 12.00 | 17.50 | 1 / 1999 | 20.00 | 30.00 | 990 / 1010 |"
 
 
+def test_ca_stats_probe_rows_come_from_each_runs_json_with_its_drift_once(tree):
+    assert "(no probe yet)" in table.t_ca_stats_probe(str(tree))
+    fake_run(tree, "inflora_ca", 2, last=20.0, avg=30.0, forget=35.0, tasks=2)
+    (tree / "bench" / "results" / "cpu" / "inflora_ca" / "seed2" / "ca_stats_probe.json").write_text(json.dumps({
+        "checkpoint": {"acc": 20.0, "task_id": 25.0, "won": [10, 1990]},
+        "variants": {"fresh statistics": {"acc": 31.0, "task_id": 38.5, "won": [1001, 999]}},
+        "drift": [{"cos": 0.7712, "rel_shift": 0.65}, {"cos": 1.0, "rel_shift": 0.0}]}))
+    lines = table.t_ca_stats_probe(str(tree)).splitlines()
+    assert lines[2:] == [
+        "| inflora `--ca` | 2 | checkpoint (aligned in the run) | 20.00 | 25.00 | 10 / 1990 | 0.771 / 1.000 | 0.650 / 0.000 |",
+        "| inflora `--ca` | 2 | fresh statistics | 31.00 | 38.50 | 1001 / 999 |  |  |"]
+
+
 def test_frozen_ca_probe_rows_sit_beside_the_runs_of_the_same_seed(tree):
     shutil.rmtree(tree / "bench" / "results" / "frozen_ca_probe", ignore_errors=True)
     assert "(no probe yet)" in table.t_frozen_ca_probe(str(tree))
@@ -250,7 +263,8 @@ def test_the_probes_after_a_run_depend_on_its_row_and_seed():
     assert scripts("simple_cil", 0) == ["task_id_probe.py"]
     assert scripts("cl_lora", 1) == ["task_id_probe.py", "cl_lora_proto_probe.py"]
     assert scripts("sr2_lora", 0) == ["task_id_probe.py", "sr2_ca_probe.py", "ncm_probe.py"]
-    assert scripts("sr2_lora_ca_ce", 2) == ["task_id_probe.py", "frozen_ca_probe.py"]
+    assert scripts("sr2_lora_ca_ce", 2) == ["task_id_probe.py", "ca_stats_probe.py", "frozen_ca_probe.py"]
+    assert scripts("inflora_ca", 1) == ["task_id_probe.py", "ca_stats_probe.py"]
     assert scripts("sd_lora_kd", 0) == ["task_id_probe.py", "ncm_probe.py"]
     assert scripts("sd_lora_kd", 1) == ["task_id_probe.py"]
     for row in cpu_benchmark.ROWS:

@@ -17,10 +17,11 @@ others, re-run from the final heads. The cl_lora rows keep `cl_lora_proto_probe.
 the stored prototypes against fresh ones from the final model. Seed 0 of the rows in NCM_ROWS keeps
 `ncm_probe.py`'s (ncm_probe.txt, .json): the run's classifier against fresh class means. The inflora_ca and
 sr2_lora_ca_ce rows keep `ca_stats_probe.py`'s (ca_stats_probe.txt, .json): the run's alignment re-run on
-fresh class statistics (and for InfLoRA without its mean decay or logit norm). Each sr2_lora_ca_ce run is
-followed by `frozen_ca_probe.py` for its seed (results/frozen_ca_probe/seed<S>.txt, .json): the same
-classifier on the frozen backbone. After each run the script starts itself again
-(done runs are skipped), so an edit of it takes effect at the next run.
+fresh class statistics (and for InfLoRA without its mean decay or logit norm); the inflora rows keep
+`inflora_memory_probe.py`'s (memory_probe.txt, .json): how much of task 1's input energy its memory keeps.
+Each sr2_lora_ca_ce run is followed by `frozen_ca_probe.py` for its seed (results/frozen_ca_probe/seed<S>.txt,
+.json): the same classifier on the frozen backbone. After each run the script starts itself again (done runs
+are skipped), so an edit of it takes effect at the next run.
 """
 from __future__ import annotations
 
@@ -92,6 +93,10 @@ def probes(row: str, seed: int, run_dir: str, dest: str, data_root: str, weights
     if seed == 0 and row in NCM_ROWS:  # representation or classifier? fresh class means on the final features
         out.append((os.path.join(dest, "ncm_probe.txt"), ["ncm_probe.py", run_dir, "--data-root", data_root, "--json",
                                                           os.path.join(dest, "ncm_probe.json")]))
+    if row == "inflora":  # how much of task 1's input its memory protects, the official criterion vs the paper's
+        out.append((os.path.join(dest, "memory_probe.txt"),
+                    ["inflora_memory_probe.py", run_dir, "--data-root", data_root, "--json",
+                     os.path.join(dest, "memory_probe.json")]))
     if row in ("inflora_ca", "sr2_lora_ca_ce"):  # the alignment re-run on fresh statistics (and, for InfLoRA,
         out.append((os.path.join(dest, "ca_stats_probe.txt"),  # without its mean decay or its logit norm)
                     ["ca_stats_probe.py", run_dir, "--data-root", data_root, "--json",

@@ -349,6 +349,21 @@ def t_ca_stats_probe(root: str) -> str:
               rows or [["(no probe yet)"] + [""] * 7])
 
 
+def t_inflora_memory_probe(root: str) -> str:
+    """bench/README: inflora_memory_probe.py (task 1's input energy inside the memory, official vs paper criterion)."""
+    rows = []
+    for seed in cpu_runs(root)["inflora"]:
+        path = os.path.join("bench", "results", "cpu", "inflora", f"seed{seed}", "memory_probe.json")
+        if os.path.isfile(os.path.join(root, path)):
+            for i, b in enumerate(load(root, path)["blocks"]):
+                rows.append([str(seed), str(i)] + [x for k in ("code", "paper") for x in
+                             (f"{b[k]['directions']} of {b['d']}", f"{100 * b[k]['captured']:.1f}")]
+                            + [f"{100 * b['captured_final_memory']:.1f}"])
+    return md(["seed", "block", "kept after task 1, official (sigma^4)", "task-1 input energy inside, %",
+               "kept, paper (sigma^2)", "inside, %", "inside the run's final memory, %"],
+              rows or [["(no probe yet)"] + [""] * 6])
+
+
 TABLES = {
     "cpu": t_cpu,
     "cpu_goal": t_cpu_goal,
@@ -360,6 +375,7 @@ TABLES = {
     "ncm_probe": t_ncm_probe,
     "frozen_ca_probe": t_frozen_ca_probe,
     "ca_stats_probe": t_ca_stats_probe,
+    "inflora_memory_probe": t_inflora_memory_probe,
     "step_time": t_step_time,
     "kd_update_runs": t_kd_update_runs,
     "kd_update_step_time": t_kd_update_step_time,

@@ -52,3 +52,25 @@ def test_a_run_without_alignment_is_one_error_line(tmp_path):
     r = probe(tmp_path, run)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [f"error: {run} is not an inflora --ca or sr2_lora --ca run"]
+
+
+def test_memory_probe_rebuilds_the_task_1_memory_and_the_papers_criterion_keeps_at_least_as_much(tmp_path):
+    out = tmp_path / "runs"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--method", "inflora", "--preset", "smoke",
+                        "--weights", "random", "--tasks", "2", "--out", str(out)],
+                       capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("[inflora] task 1: eps_t"))
+    widths = [int(w) for w in line.split("memory width per block ")[1].split(" (R")[0].split()]  # 'remove' mode
+    (run,) = out.iterdir()
+    res_file = tmp_path / "memory.json"
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench", "inflora_memory_probe.py"), str(run),
+                        "--threads", "1", "--json", str(res_file)], capture_output=True, text=True,
+                       cwd=str(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stderr
+    blocks = json.loads(res_file.read_text())["blocks"]
+    assert [b["code"]["directions"] for b in blocks] == widths  # the run's own task-1 memory, recomputed
+    for b in blocks:
+        assert b["paper"]["directions"] >= b["code"]["directions"]
+        assert b["paper"]["captured"] >= b["code"]["captured"] - 1e-9
+        assert b["captured_final_memory"] >= b["code"]["captured"] - 1e-9  # the memory only grows

@@ -241,6 +241,17 @@ def test_ca_stats_probe_rows_come_from_each_runs_json_with_its_drift_once(tree):
         "| inflora `--ca` | 2 | fresh statistics | 31.00 | 38.50 | 1001 / 999 |  |  |"]
 
 
+def test_inflora_memory_probe_rows_are_one_per_block(tree):
+    assert "(no probe yet)" in table.t_inflora_memory_probe(str(tree))
+    fake_run(tree, "inflora", 1, last=16.0, avg=29.0, forget=19.0)
+    (tree / "bench" / "results" / "cpu" / "inflora" / "seed1" / "memory_probe.json").write_text(json.dumps({
+        "blocks": [{"d": 192, "captured_final_memory": 0.9111, "code": {"directions": 6, "captured": 0.715},
+                    "paper": {"directions": 16, "captured": 0.9474}}] * 2}))
+    lines = table.t_inflora_memory_probe(str(tree)).splitlines()
+    assert lines[2:] == ["| 1 | 0 | 6 of 192 | 71.5 | 16 of 192 | 94.7 | 91.1 |",
+                         "| 1 | 1 | 6 of 192 | 71.5 | 16 of 192 | 94.7 | 91.1 |"]
+
+
 def test_frozen_ca_probe_rows_sit_beside_the_runs_of_the_same_seed(tree):
     shutil.rmtree(tree / "bench" / "results" / "frozen_ca_probe", ignore_errors=True)
     assert "(no probe yet)" in table.t_frozen_ca_probe(str(tree))
@@ -265,6 +276,7 @@ def test_the_probes_after_a_run_depend_on_its_row_and_seed():
     assert scripts("sr2_lora", 0) == ["task_id_probe.py", "sr2_ca_probe.py", "ncm_probe.py"]
     assert scripts("sr2_lora_ca_ce", 2) == ["task_id_probe.py", "ca_stats_probe.py", "frozen_ca_probe.py"]
     assert scripts("inflora_ca", 1) == ["task_id_probe.py", "ca_stats_probe.py"]
+    assert scripts("inflora", 2) == ["task_id_probe.py", "inflora_memory_probe.py"]
     assert scripts("sd_lora_kd", 0) == ["task_id_probe.py", "ncm_probe.py"]
     assert scripts("sd_lora_kd", 1) == ["task_id_probe.py"]
     for row in cpu_benchmark.ROWS:

@@ -17,18 +17,15 @@ and, per task, how far the stored means are from the fresh ones.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import json
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import train  # noqa: E402
+from finished_run import open_run, scores, write_json
+import train  # noqa: E402  (finished_run puts the repository on the path)
 from backbone import features  # noqa: E402
 import methods.inflora as inflora  # noqa: E402
 import methods.sr2_lora as sr2  # noqa: E402
@@ -45,12 +42,6 @@ VARIANTS = {  # method -> {name: (InfLoRA's mean decay on, its logit norm on, fr
 }
 
 
-def scores(pred: torch.Tensor, y: torch.Tensor, task_of: torch.Tensor, k: int) -> dict:
-    return {"acc": 100 * (pred == y).float().mean().item(),
-            "task_id": 100 * (task_of[pred] == task_of[y]).float().mean().item(),
-            "won": torch.bincount(task_of[pred], minlength=k).tolist()}
-
-
 def drift(stored: torch.Tensor, fresh: torch.Tensor, task_of: torch.Tensor, k: int) -> list[dict]:
     """Per task: mean cosine of stored and fresh class means, and mean ||stored - fresh|| / ||fresh||."""
     cos = F.cosine_similarity(stored, fresh, dim=1)
@@ -59,23 +50,13 @@ def drift(stored: torch.Tensor, fresh: torch.Tensor, task_of: torch.Tensor, k: i
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--json", default=None, help="also write the numbers to this file")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    args, cfg, saved = train.parse(["--resume", a.run_dir] + (["--data-root", a.data_root] if a.data_root else []))
+    a, args, cfg, stream, m, progress = open_run(__doc__)
     if args.method not in VARIANTS or cfg.ca in (False, "none"):
         sys.exit(f"error: {a.run_dir} is not an inflora --ca or sr2_lora --ca run")
     mod = {"inflora": inflora, "sr2_lora": sr2}[args.method]
-    stream, m, _, _, _, progress = train.setup(args, cfg, saved)  # rebuilds the finished tasks, loads the state
     k = len(progress["acc"])
     if k < 2:
         sys.exit(f"error: {a.run_dir} has finished {k} task; the alignment runs from task 2 on")
-    m.eval()
     vit = m._eval_vit()
     sizes = [len(stream.tasks[j]) for j in range(k)]
     task_of = torch.arange(k).repeat_interleave(torch.tensor(sizes))
@@ -88,7 +69,7 @@ def main() -> None:
     assert [c for j in range(k) for c in stream.tasks[j]] == list(range(n))
     stored_mean, stored_cov = m.ca_mean[:n].clone(), m.ca_cov[:n].clone()
     out = {"run_dir": a.run_dir, "tasks": k, "images": len(y),
-           "run_acc": progress["acc"][-1], "drift": drift(stored_mean.float(), fresh_mean.float(), task_of, k)}
+           "run_acc": train.accuracy_curve(progress["acc"], progress["n_test"])[-1], "drift": drift(stored_mean.float(), fresh_mean.float(), task_of, k)}
 
     def report(tag: str) -> dict:
         with torch.no_grad():
@@ -117,9 +98,7 @@ def main() -> None:
     print("stored vs fresh class means, per task: cos " +
           " ".join(f"{d['cos']:.3f}" for d in out["drift"]) + "; ||stored - fresh|| / ||fresh|| " +
           " ".join(f"{d['rel_shift']:.3f}" for d in out["drift"]))
-    if a.json:
-        with open(a.json, "w") as fh:
-            fh.write(json.dumps(out, indent=1) + "\n")
+    write_json(a.json, out)
 
 
 if __name__ == "__main__":

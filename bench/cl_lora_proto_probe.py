@@ -12,31 +12,18 @@ with the stored and with the fresh prototypes; and the test accuracy both ways.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import train  # noqa: E402
+from finished_run import open_run, scores, write_json
+import train  # noqa: E402  (finished_run puts the repository on the path)
 import methods.cl_lora as cl  # noqa: E402
 
 
 @torch.no_grad()
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--json", default=None, help="also write the numbers to this file")
-    a = p.parse_args()
-    args, cfg, saved = train.parse(["--resume", a.run_dir] + (["--data-root", a.data_root] if a.data_root else []))
-    assert args.method == "cl_lora", f"{a.run_dir} is a {args.method} run, not cl_lora"
-    stream, m, _, _, _, progress = train.setup(args, cfg, saved)  # rebuilds the finished tasks, loads the state
+    a, _, _, stream, m, progress = open_run(__doc__, methods=("cl_lora",))
     k = len(progress["acc"])
-    m.eval()
     stored = [getattr(m, f"protos_{i}").clone() for i in range(k)]
     fresh = []
     for i in range(k):  # what end_task computed, with the final shared adapters and branch i
@@ -56,25 +43,18 @@ def main() -> None:
             preds[name].append(z.argmax(1))
         labels.append(y)
     y = torch.cat(labels)
-    offs = torch.tensor(m.offsets[1:])
-    task_of = lambda c: torch.bucketize(c, offs, right=True)  # noqa: E731
+    task_of = torch.bucketize(torch.arange(m.offsets[-1]), torch.tensor(m.offsets[1:]), right=True)
     run_acc = train.accuracy_curve(progress["acc"], progress["n_test"])[-1]
     out = {"method": "cl_lora", "tasks": k, "images": len(y), "run_last_acc": run_acc}
     print(f"cl_lora after task {k}: {len(y)} test images of {m.offsets[-1]} classes (the run's A_T {run_acc:.2f})")
     for name in preds:
-        pred = torch.cat(preds[name])
-        won = torch.bincount(task_of(pred), minlength=k).tolist()
-        acc = 100 * (pred == y).float().mean().item()
-        task_id = 100 * (task_of(pred) == task_of(y)).float().mean().item()
-        out[name] = {"acc": acc, "task_id": task_id, "won": won}
-        print(f"{name:6s} prototypes: acc {acc:5.2f}  task-id acc {task_id:5.2f}  test images won by each task's "
-              f"classes {won}")
+        s = out[name] = scores(torch.cat(preds[name]), y, task_of, k)
+        print(f"{name:6s} prototypes: acc {s['acc']:5.2f}  task-id acc {s['task_id']:5.2f}  test images won by each "
+              f"task's classes {s['won']}")
     out["cos_stored_fresh"] = [float(c.mean()) for c in cos]
     print("cosine of stored and fresh prototypes, mean over each task's classes:",
           " ".join(f"{c:.3f}" for c in out["cos_stored_fresh"]))
-    if a.json:
-        with open(a.json, "w") as fh:
-            fh.write(json.dumps(out, indent=1) + "\n")
+    write_json(a.json, out)
 
 
 if __name__ == "__main__":

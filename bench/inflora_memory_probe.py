@@ -15,16 +15,10 @@ run ended with. What a basis misses is what later branches are free to change.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import train  # noqa: E402
-import methods.inflora as inflora  # noqa: E402
+from finished_run import open_run, write_json
+import methods.inflora as inflora  # noqa: E402  (finished_run puts the repository on the path)
 
 
 def captured(M: torch.Tensor, P: torch.Tensor, mode: int) -> float:
@@ -35,18 +29,7 @@ def captured(M: torch.Tensor, P: torch.Tensor, mode: int) -> float:
 
 @torch.no_grad()
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--json", default=None, help="also write the numbers to this file")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    args, cfg, saved = train.parse(["--resume", a.run_dir] + (["--data-root", a.data_root] if a.data_root else []))
-    if args.method != "inflora":
-        sys.exit(f"error: {a.run_dir} is a {args.method} run, not inflora")
-    stream, m, _, _, _, progress = train.setup(args, cfg, saved)  # rebuilds the finished tasks, loads the state
+    a, _, cfg, stream, m, progress = open_run(__doc__, methods=("inflora",))
     final = [(ad.stored().clone(), int(ad.mode)) for ad in m.adapters]
     for ad in m.adapters:  # the task-1 model: the branches of tasks 2.. add nothing
         for B in list(ad.B)[1:]:
@@ -70,9 +53,7 @@ def main() -> None:
         print(f"  block {i}: official (sigma^4) {b['code']['directions']:3d} / {100 * b['code']['captured']:5.1f} %   "
               f"paper (sigma^2) {b['paper']['directions']:3d} / {100 * b['paper']['captured']:5.1f} %   "
               f"the run's final memory {100 * b['captured_final_memory']:5.1f} %")
-    if a.json:
-        with open(a.json, "w") as fh:
-            fh.write(json.dumps(out, indent=1) + "\n")
+    write_json(a.json, out)
 
 
 if __name__ == "__main__":

@@ -12,40 +12,21 @@ if they do not, the representation itself forgot.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import train  # noqa: E402
-from backbone import features  # noqa: E402
-
-
-def scores(pred: torch.Tensor, y: torch.Tensor, task_of: torch.Tensor, k: int) -> dict:
-    return {"acc": 100 * (pred == y).float().mean().item(),
-            "task_id": 100 * (task_of[pred] == task_of[y]).float().mean().item(),
-            "won": torch.bincount(task_of[pred], minlength=k).tolist()}
+from finished_run import open_run, scores, write_json
+from backbone import features  # noqa: E402  (finished_run puts the repository on the path)
 
 
 @torch.no_grad()
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--json", default=None, help="also write the numbers to this file")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    args, cfg, saved = train.parse(["--resume", a.run_dir] + (["--data-root", a.data_root] if a.data_root else []))
-    stream, m, _, _, _, progress = train.setup(args, cfg, saved)  # rebuilds the finished tasks, loads the state
-    assert hasattr(m, "_eval_vit"), f"{args.method} does not evaluate through a folded backbone"
+    a, args, _, stream, m, progress = open_run(__doc__)
+    if not hasattr(m, "_eval_vit"):
+        sys.exit(f"error: {args.method} does not evaluate through a folded backbone")
     k = len(progress["acc"])
-    m.eval()
     vit = m._eval_vit()
     sizes = [len(stream.tasks[j]) for j in range(k)]
     n_seen = sum(sizes)
@@ -72,9 +53,7 @@ def main() -> None:
         s = out[name]
         print(f"{tag:22s} acc {s['acc']:5.2f}  task-id acc {s['task_id']:5.2f}  test images won by each task's "
               f"classes {s['won']}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            fh.write(json.dumps(out, indent=1) + "\n")
+    write_json(a.json, out)
 
 
 if __name__ == "__main__":

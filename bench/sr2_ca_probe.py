@@ -10,32 +10,19 @@ fits), and how many test images each task's head wins.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import train  # noqa: E402
-from backbone import features  # noqa: E402
+from finished_run import open_run
+from backbone import features  # noqa: E402  (finished_run puts the repository on the path)
 import methods.sr2_lora as sr2  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--weights", default=None, help="the run's weights file, if it has moved")
-    a = p.parse_args()
-    extra = (["--data-root", a.data_root] if a.data_root else []) + (["--weights", a.weights] if a.weights else [])
-    args, cfg, saved = train.parse(["--resume", a.run_dir] + extra)
-    assert args.method == "sr2_lora", f"{a.run_dir} is a {args.method} run, not sr2_lora"
-    stream, m, _, _, _, progress = train.setup(args, cfg, saved)  # rebuilds the finished tasks, loads the state
+    a, _, cfg, stream, m, progress = open_run(__doc__, methods=("sr2_lora",), weights=True, json_out=False)
     k = len(progress["acc"])
-    m.eval()
     with torch.no_grad():
         batches = [(features(m.vit, x), y) for x, y in stream.test_loader(k - 1, 0, 1)]  # every class seen so far
     f, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])

@@ -13,28 +13,15 @@ plus, per task, how many test images each task's classes win.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import train  # noqa: E402
+from finished_run import open_run, write_json
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--json", default=None, help="also write the numbers to this file")
-    a = p.parse_args()
-    args, cfg, saved = train.parse(["--resume", a.run_dir] + (["--data-root", a.data_root] if a.data_root else []))
-    stream, method, _, _, _, progress = train.setup(args, cfg, saved)  # rebuilds the finished tasks, loads the state
+    a, args, _, stream, method, progress = open_run(__doc__)
     k = len(progress["acc"])
-    method.eval()
     sizes = [len(stream.tasks[j]) for j in range(k)]
     bounds = np.cumsum([0] + sizes)
     task_of = np.repeat(np.arange(k), sizes)
@@ -59,13 +46,10 @@ def main() -> None:
                      "task_id": 100 * float((task_of[pred[s]] == j).mean())})
         print(f"  task {j + 1}: task-agnostic {rows[-1]['task_agnostic']:5.1f}  within-task "
               f"{rows[-1]['within_task']:5.1f}  task-id {rows[-1]['task_id']:5.1f}")
-    if a.json:
-        out = {"method": args.method, "tasks": k, "images": int(len(y)),
-               "task_agnostic": 100 * float((pred == y).mean()), "within_task": 100 * float((within == y).mean()),
-               "task_id": 100 * float((task_of[pred] == ty).mean()), "won": won.tolist(),
-               "per_task": rows}
-        with open(a.json, "w") as f:
-            f.write(json.dumps(out, indent=1) + "\n")
+    write_json(a.json, {"method": args.method, "tasks": k, "images": int(len(y)),
+                        "task_agnostic": 100 * float((pred == y).mean()),
+                        "within_task": 100 * float((within == y).mean()),
+                        "task_id": 100 * float((task_of[pred] == ty).mean()), "won": won.tolist(), "per_task": rows})
 
 
 if __name__ == "__main__":

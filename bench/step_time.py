@@ -3,6 +3,7 @@
     python bench/step_time.py                       # cpu preset shapes: vit_small32, batch 64, fp32
     python bench/step_time.py --device cuda --backbone vit_base_patch16_224 --batch-size 128 --amp bf16
     python bench/step_time.py --methods cl_lora,cl_lora:kd_update=joint     # a variant: method:field=value,...
+    python bench/step_time.py --methods seq_lora,seq_lora@bf16              # one entry under bf16 autocast
 
 Each method is built on the same backbone, grown through two tasks of random 32 px images (so that methods
 with a previous model, distillation or projections run their task-2 path), then timed for --steps training
@@ -52,10 +53,15 @@ def variant(spec: str) -> tuple[str, dict]:
     return name, over
 
 
+def amp_of(spec: str, args) -> str:
+    """'seq_lora@bf16' -> 'bf16'; without '@', the --amp of the command."""
+    return spec.partition("@")[2] or args.amp
+
+
 def build(spec, args):
     torch.manual_seed(0)
     vit, info = bb.create(args.backbone, args.weights)
-    name, over = variant(spec)
+    name, over = variant(spec.partition("@")[0])
     module = METHODS[name]
     cfg = dataclasses.replace(module.Config(), batch_size=args.batch_size, epochs=1000, **over)  # schedules never end
     m = module.Method(vit, 20, cfg).to(args.device)
@@ -73,8 +79,8 @@ def build(spec, args):
     return m, opt, sched, x.to(args.device), y.to(args.device)
 
 
-def step(m, opt, sched, x, y, args):
-    with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+def step(m, opt, sched, x, y, args, amp):
+    with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=amp == "bf16"):
         out = m.loss(x, y)
     for loss in [out] if isinstance(out, torch.Tensor) else out:  # a generator yields one loss per step
         opt.zero_grad(set_to_none=True)
@@ -99,11 +105,14 @@ def main():
     p.add_argument("--out", default="", help="results file (default: bench/results/step_time_<device>.json)")
     args = p.parse_args()
     names = args.methods.split(",")
+    for n in names:
+        if amp_of(n, args) not in ("none", "bf16"):
+            p.error(f"{n}: the autocast after '@' must be bf16 or none")
     built = {}
     for n in names:
         built[n] = build(n, args)
         for _ in range(args.warmup):
-            step(*built[n], args)
+            step(*built[n], args, amp_of(n, args))
     times = {n: [] for n in names}
     for _ in range(args.rounds):
         for n in names:
@@ -111,12 +120,12 @@ def main():
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                step(*built[n], args)
+                step(*built[n], args, amp_of(n, args))
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             times[n].append((time.perf_counter() - t0) / args.steps)
     ref = statistics.median(times["seq_lora"]) if "seq_lora" in times else None
-    rows = [{"method": n, "seconds_per_step": statistics.median(times[n]),
+    rows = [{"method": n, "amp": amp_of(n, args), "seconds_per_step": statistics.median(times[n]),
              "ratio_to_seq_lora": statistics.median(times[n]) / ref if ref else None,
              "trainable_params": sum(q.numel() for g in built[n][1].param_groups for q in g["params"])}
             for n in names]

@@ -183,3 +183,22 @@ def test_device_check_cpu_path_runs_and_writes_its_summary(tmp_path):
     runs = json.load(open(out / "train_runs.json"))["runs"]
     assert runs["train__seq_lora__none"]["tasks_done"] == 2
     assert "| train.py seq_lora --amp none | ok |" in p.stdout and "| torchrun | skipped |" in p.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench/step_time.py
+
+
+def test_step_time_times_an_entry_under_bf16_beside_fp32(tmp_path):
+    out = tmp_path / "st.json"
+    cmd = [sys.executable, os.path.join(REPO, "bench", "step_time.py"), "--backbone", "vit_tiny_test", "--steps", "1",
+           "--rounds", "1", "--warmup", "0", "--batch-size", "8", "--per-class", "4", "--out", str(out)]
+    r = subprocess.run(cmd + ["--methods", "seq_lora,seq_lora@bf16"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["method"], x["amp"]) for x in rows] == [("seq_lora", "none"), ("seq_lora@bf16", "bf16")]
+    assert rows[0]["ratio_to_seq_lora"] == 1.0 and rows[1]["seconds_per_step"] > 0
+    out.unlink()
+    r = subprocess.run(cmd + ["--methods", "seq_lora@fp16"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "seq_lora@fp16: the autocast after '@' must be bf16 or none" in r.stderr
+    assert not out.exists()  # refused before anything is built or written

@@ -22,12 +22,13 @@ class Result:
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def run_table(root, *args):
-    """table.main in this process (as `python bench/table.py --root ROOT ARGS` would run it)."""
+def run_table(root, *args, numbers=False):
+    """table.main in this process (as `python bench/table.py --root ROOT ARGS` would run it); the trees' results
+    are fakes, so the prose's numbers are not checked against them unless numbers=True."""
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            rc = table.main(["--root", str(root), *args])
+            rc = table.main(["--root", str(root), *args, *([] if numbers else ["--skip-numbers"])])
     except SystemExit as e:  # a usage error: its message is the one line the command prints
         return Result(1, out.getvalue(), str(e.code) + "\n")
     return Result(rc, out.getvalue(), "")
@@ -93,8 +94,12 @@ def test_goal_table_compares_each_row_with_seq_lora_and_joint(tree):
     fake_run(tree, "c_lora", 0, last=9.0, avg=19.0, forget=31.0)
     fake_run(tree, "c_lora", 1, last=11.5, avg=19.0, forget=31.0)
     md = table.t_cpu_goal(str(tree)).splitlines()
-    assert md[2:] == ["| sd_lora | 1 of 3 | +28.50 | yes | -18.00 | yes | 1.50 | yes |",
-                      "| c_lora | 2 of 3 | +0.25 | yes | +1.00 | NO | 29.75 | no |"]
+    assert md[2:] == ["| sd_lora | 1 of 3 | +28.50 | yes | -18.00 | yes | 1.50 | yes | – |",
+                      "| c_lora | 2 of 3 | +0.25 | yes | +1.00 | NO | 29.75 | no | – |"]  # no simple_cil run yet
+    fake_run(tree, "simple_cil", 0, last=30.0, avg=40.0, forget=15.0)
+    md = table.t_cpu_goal(str(tree)).splitlines()
+    assert md[2] == "| simple_cil | 1 of 3 | +20.00 | yes | -15.00 | yes | 10.00 | no | – |"
+    assert md[3].endswith("| 1.50 | yes | +8.50 |") and md[4].endswith("| no | -19.75 |")
 
 
 def test_check_fails_on_a_new_run_and_the_rewrite_fixes_it(tree):
@@ -131,6 +136,25 @@ def test_a_results_table_outside_the_markers_is_caught(tree):
     doc.write_text(doc.read_text() + "\n| method | A_T |\n|---|---|\n| seq_lora | 99.0 |\n")
     r = run_table(tree, "--check")
     assert r.returncode == 1 and "a results table outside the table markers: | method | A_T |" in r.stdout
+
+
+def test_a_number_typed_into_the_prose_needs_a_source(tmp_path):
+    os.makedirs(tmp_path / "bench" / "results")
+    (tmp_path / "bench" / "README.md").write_text("no tables here\n")
+    (tmp_path / "bench" / "results" / "probe.json").write_text('{"residual": 1.312e-01, "acc": 27.72}')
+    head = "# x\n\n| metric | formula | in results.json |\n|---|---|---|\n| A_T | 12.34 | last_acc |\n\n```\n56.78\n```\n\n"
+    (tmp_path / "README.md").write_text(head + "A paragraph citing 27.72 and 0.13\n(`results/probe.json`).\n\n"
+                                        "- a bullet: 27.72 again,\n  with eps_0 = 0.95\n- 27.7 but 0.131\n")
+    r = run_table(tmp_path, "--check", numbers=True)
+    # a file named in one bullet is no source for the next; tables that are not results and code are not prose
+    assert [ln for ln in r.stdout.splitlines() if "CONSTANTS" in ln] == [
+        "README.md:14: 27.72 is in no generated table, no results file the paragraph names, no CONSTANTS",
+        "README.md:16: 27.7 is in no generated table, no results file the paragraph names, no CONSTANTS",
+        "README.md:16: 0.131 is in no generated table, no results file the paragraph names, no CONSTANTS",
+    ] and r.returncode == 1
+    (tmp_path / "README.md").write_text(head + "A paragraph citing 27.72 and 0.13\n(`results/probe.json`).\n")
+    r = run_table(tmp_path, "--check", numbers=True)
+    assert "CONSTANTS" not in r.stdout and r.stdout.strip() == "bench/results/cpu_summary.json is out of date"
 
 
 @pytest.mark.parametrize("bad,message", [

@@ -573,7 +573,7 @@ def test_bad_config_is_a_value_error(kw):
 
 @pytest.mark.parametrize("kd_update", M.CHOICES["kd_update"])
 def test_bf16_autocast_step_and_forward(kd_update):
-    """`--amp bf16` runs loss and forward under bf16 autocast: gradients stay float32 and finite.
+    """`--amp bf16` runs loss and forward under bf16 autocast: gradients stay float32 and finite."""
     m = make(2, 0, kd_update=kd_update)
     data = train_steps(m, 0, steps=1)
     m.end_task(0, TASKS[0], data)

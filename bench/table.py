@@ -417,25 +417,36 @@ def figures(root: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+    # two panels of the same axes, the bounds and SimpleCIL in both: the InfLoRA/SD-LoRA lineage, then the rest
     fixed = {"joint": "black", "seq_lora": "black", "simple_cil": "grey"}  # the bounds and the no-training row
-    for i, (row, seeds) in enumerate(runs.items()):
-        curves = np.array([s["results"]["curve"] for s in seeds.values()])
-        c, name = fixed.get(row, colors[i % 20]), f"{label(row).replace('`', '')} (n={len(seeds)})"
-        if curves.shape[1] == 1:  # joint: one task over all classes, drawn as a reference line
-            ax.axhline(curves.mean(), color=c, ls="--", lw=1.2, label=name)
-            continue
-        t, mean = np.arange(1, curves.shape[1] + 1), curves.mean(0)
-        ax.plot(t, mean, color=c, marker="o", ms=3, lw=1.4, label=name, ls=":" if row in fixed else "-")
-        if len(curves) > 1:
-            ax.fill_between(t, curves.min(0), curves.max(0), color=c, alpha=0.15, lw=0)
-    ax.set_xticks(range(1, 11))
-    ax.set(xlabel="after task", ylabel="accuracy on all seen classes a_t (%)",
-           title="CIFAR-100 B0-Inc10, --preset cpu (vit_small32, v2 weights): mean, band = min-max over seeds")
-    ax.title.set_fontsize(9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    panels = ([r for r in runs if r.startswith(("inflora", "sd_lora"))],
+              [r for r in runs if r not in fixed and not r.startswith(("inflora", "sd_lora"))])
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10")(np.arange(10))) if i != 7] + ["navy"]  # 7 is grey
+    color = {r: fixed.get(r) for r in runs if r in fixed}  # one colour per row, the same in both figures
+    color.update({r: palette[i % 10] for i, r in enumerate(panels[0] + panels[1])})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
+    for ax, own in zip(axes, panels):
+        for row in [r for r in runs if r in fixed] + own:
+            seeds = runs[row]
+            curves = np.array([s["results"]["curve"] for s in seeds.values()])
+            c = color[row]
+            name = f"{label(row).replace('`', '')} (n={len(seeds)})"
+            if curves.shape[1] == 1:  # joint: one task over all classes, drawn as a reference line
+                ax.axhline(curves.mean(), color=c, ls="--", lw=1.2, label=name)
+                continue
+            t, mean = np.arange(1, curves.shape[1] + 1), curves.mean(0)
+            ls = ":" if row in fixed else "--" if row.endswith(("_kd", "_rr")) else "-"  # sd_lora's variants
+            ax.plot(t, mean, color=c, marker="o", ms=3, lw=1.4, label=name, ls=ls)
+            if len(curves) > 1:
+                ax.fill_between(t, curves.min(0), curves.max(0), color=c, alpha=0.15, lw=0)
+        ax.set_xticks(range(1, 11))
+        ax.set(xlabel="after task")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0].set(ylabel="accuracy on all seen classes a_t (%)")
+    fig.suptitle("CIFAR-100 B0-Inc10, --preset cpu (vit_small32, v2 weights): mean over seeds, band = min-max",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(root, FIGURES[0]), dpi=110)
     plt.close(fig)
@@ -444,9 +455,12 @@ def figures(root: str) -> None:
     names = [label(r).replace("`", "") for r in runs]
     means = [metric(s, "last_acc")["mean"] for s in runs.values()]
     stds = [metric(s, "last_acc")["std"] or 0.0 for s in runs.values()]
-    bars = ax.bar(range(len(runs)), means, yerr=stds, capsize=3,
-                  color=[fixed.get(r, colors[i % 20]) for i, r in enumerate(runs)])
-    ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    ax.bar(range(len(runs)), means, color=[color[r] for r in runs])
+    several = [i for i, s in enumerate(runs.values()) if len(s) > 1]  # no error bar on one seed
+    ax.errorbar(several, [means[i] for i in several], yerr=[stds[i] for i in several], fmt="none", ecolor="black",
+                capsize=3, lw=1)
+    for i, (m, sd) in enumerate(zip(means, stds)):  # above the error bar
+        ax.text(i, m + sd + 0.4, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(runs)), [f"{n}\n(n={len(s)})" for n, s in zip(names, runs.values())],
                   rotation=45, ha="right", fontsize=7)
     ax.set(ylabel="last accuracy A_T (%)", title="A_T, mean ± sample std over seeds (--preset cpu)")

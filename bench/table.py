@@ -266,10 +266,12 @@ def t_step_time_bf16(root: str) -> str:
     """Each method's bf16-autocast entry against its own fp32 entry of the same run (step_time.py NAME@bf16)."""
     rows = load(root, "bench/results/step_time_bf16_cpu.json")["rows"]
     fp32 = {r["method"]: r["seconds_per_step"] for r in rows if r["amp"] == "none"}
-    return md(["method", "fp32 s/step", "bf16 autocast s/step", "bf16 / fp32"],
-              [[r["method"].partition("@")[0], f"{fp32[r['method'].partition('@')[0]]:.3f}",
-                f"{r['seconds_per_step']:.3f}", f"{r['seconds_per_step'] / fp32[r['method'].partition('@')[0]]:.2f}"]
-               for r in rows if r["amp"] == "bf16"])
+    out = []
+    for r in rows:
+        if r["amp"] == "bf16":
+            name, s = r["method"].partition("@")[0], r["seconds_per_step"]
+            out.append([name, f"{fp32[name]:.3f}", f"{s:.3f}", f"{s / fp32[name]:.2f}"])
+    return md(["method", "fp32 s/step", "bf16 autocast s/step", "bf16 / fp32"], out)
 
 
 def t_kd_update_runs(root: str) -> str:

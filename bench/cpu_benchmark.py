@@ -4,6 +4,7 @@
     python bench/cpu_benchmark.py --rows cl_lora joint --seeds 1
     python bench/cpu_benchmark.py --list               # what is done, what is left, nothing run
     python bench/cpu_benchmark.py --commit             # git-commit each finished run (and the tables) at once
+    python bench/cpu_benchmark.py --commit --until 21:20   # start only runs expected to end by then (local time)
 
 A row is a train.py run on the `cpu` preset (CIFAR-100, 10 tasks of 10 classes, class order seed 1993, v2
 weights) with the row's extra options. After each run the task-id probe scores its final checkpoint, and the
@@ -22,6 +23,10 @@ fresh class statistics (and for InfLoRA without its mean decay or logit norm); t
 Each sr2_lora_ca_ce run is followed by `frozen_ca_probe.py` for its seed (results/frozen_ca_probe/seed<S>.txt,
 .json): the same classifier on the frozen backbone. After each run the script starts itself again (done runs
 are skipped), so an edit of it takes effect at the next run.
+
+A session that stops at a known time loses the run it stops (its checkpoint is not kept): `--until` starts a
+run only if the row's longest finished uninterrupted run (probes included, from its train.log) would end
+before then, takes the first such run in the usual order, and stops when none fits.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -64,6 +70,40 @@ KEPT = ("results.json", "config.json", "acc_matrix.csv")
 
 def done(row: str, seed: int) -> bool:
     return os.path.isfile(os.path.join(RESULTS, row, f"seed{seed}", "results.json"))
+
+
+def expected_seconds(row: str) -> float | None:
+    """The longest wall time (probes included) of the row's finished runs that ran uninterrupted, else None."""
+    times = []
+    for seed in SEEDS:
+        log = os.path.join(RESULTS, row, f"seed{seed}", "train.log")
+        if os.path.isfile(log):
+            with open(log) as f:  # a resumed run logs "wall time of the run since it resumed": a part, not counted
+                times += [float(line.split(": ")[1].split()[0]) for line in f
+                          if line.startswith("wall time of the run: ")]
+    return max(times, default=None)
+
+
+def fitting(todo: list[tuple[str, int]], left_s: float, expected: dict[str, float | None]) -> tuple[str, int] | None:
+    """The first (row, seed) of todo whose expected seconds fit in left_s; a row with no estimate is taken to need
+    the longest estimate of any row. None if nothing fits."""
+    longest = max((v for v in expected.values() if v is not None), default=float("inf"))
+    for row, seed in todo:
+        need = expected.get(row)
+        if (longest if need is None else need) <= left_s:
+            return row, seed
+    return None
+
+
+def until(text: str) -> datetime:
+    """--until: HH:MM today, or YYYY-MM-DDTHH:MM; local time, never rolled over to the next day."""
+    try:
+        if "T" in text:
+            return datetime.fromisoformat(text)
+        hm = datetime.strptime(text, "%H:%M")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither HH:MM nor YYYY-MM-DDTHH:MM") from None
+    return datetime.now().replace(hour=hm.hour, minute=hm.minute, second=0, microsecond=0)
 
 
 def command(row: str, seed: int, data_root: str, weights: str, out: str) -> list[str]:
@@ -171,16 +211,29 @@ def main() -> None:
     p.add_argument("--weights", default=os.path.join(ROOT, "..", "shared", "weights", "vit_small32_tin.pth"))
     p.add_argument("--list", action="store_true", help="print what is done and what is left; run nothing")
     p.add_argument("--commit", action="store_true", help="git-commit each finished run with the regenerated tables")
+    p.add_argument("--until", type=until, metavar="HH:MM",
+                   help="start only a run expected to end before this local time (HH:MM today, or YYYY-MM-DDTHH:MM)")
     a = p.parse_args()
     todo = [(r, s) for s in a.seeds for r in a.rows if not done(r, s)]
     if a.list:
         for s in a.seeds:
             print(f"seed {s}: done " + " ".join(r for r in a.rows if done(r, s)))
         print("left:", " ".join(f"{r}/s{s}" for r, s in todo) or "nothing")
+        expected = {r: expected_seconds(r) for r in a.rows}
+        print("expected minutes per run (longest finished, probes included): "
+              + " ".join(f"{r} {'?' if v is None else round(v / 60)}" for r, v in expected.items()))
         return
     if not todo:
         return
     row, seed = todo[0]
+    if a.until is not None:
+        left = (a.until - datetime.now()).total_seconds()
+        pick = fitting(todo, left, {r: expected_seconds(r) for r, _ in todo})
+        if pick is None:
+            print(f"{time.strftime('%H:%M:%S')} no run left is expected to end before {a.until:%Y-%m-%d %H:%M}; "
+                  "stopping", flush=True)
+            return
+        row, seed = pick
     t0 = time.time()
     print(f"{time.strftime('%H:%M:%S')} {row} seed {seed} ...", flush=True)
     dest = run_one(row, seed, os.path.abspath(a.data_root), os.path.abspath(a.weights))
@@ -189,8 +242,13 @@ def main() -> None:
         commit(row, seed, dest)
     print(f"{time.strftime('%H:%M:%S')} {row} seed {seed} done in {time.time() - t0:.0f} s", flush=True)
     # then the next run: start again from the top (done runs are skipped), so that an edit of this file
-    # takes effect at the next run
-    os.execv(sys.executable, [sys.executable] + sys.argv)
+    # takes effect at the next run; with the options as parsed, --until as a date and time (no move at midnight)
+    argv = [sys.argv[0], "--rows", *a.rows, "--seeds", *map(str, a.seeds), "--data-root", a.data_root,
+            "--weights", a.weights] + ["--commit"] * a.commit
+    if a.until is not None:
+        argv += ["--until", a.until.strftime("%Y-%m-%dT%H:%M")]
+    os.execv(sys.executable, [sys.executable, *argv])
+
 
 if __name__ == "__main__":
     main()

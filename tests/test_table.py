@@ -310,3 +310,27 @@ def test_the_probes_after_a_run_depend_on_its_row_and_seed():
     txt, (_, *args) = cpu_benchmark.probes("sr2_lora_ca_ce", 2, "RUN", "DEST", "DATA", "W")[-1]
     assert txt == os.path.join(ROOT, "bench", "results", "frozen_ca_probe", "seed2.txt")
     assert args[args.index("--seed") + 1] == "2" and args[args.index("--json") + 1] == txt[:-4] + ".json"
+
+
+def test_until_starts_only_a_run_that_fits(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_benchmark, "RESULTS", str(tmp_path))
+    for row, seed, line in [("joint", 0, "wall time of the run: 1300 s (probe included)"),
+                            ("joint", 1, "wall time of the run: 1250 s (probes included)"),
+                            ("cl_lora", 0, "wall time of the run: 4272 s (probes included)"),
+                            ("keep_lora", 0, "wall time of the run since it resumed: 1508 s (probes included)")]:
+        d = tmp_path / row / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "train.log").write_text(f"task 10/10 ...\n{line}\n")
+    expected = {r: cpu_benchmark.expected_seconds(r) for r in ("joint", "cl_lora", "keep_lora", "c_lora")}
+    # the longest uninterrupted run; a resumed run's time is only a part; no log: no estimate
+    assert expected == {"joint": 1300.0, "cl_lora": 4272.0, "keep_lora": None, "c_lora": None}
+    todo = [("cl_lora", 1), ("keep_lora", 1), ("joint", 2)]
+    assert cpu_benchmark.fitting(todo, 5000, expected) == ("cl_lora", 1)  # the usual order where all fit
+    assert cpu_benchmark.fitting(todo, 4000, expected) == ("joint", 2)  # keep_lora: taken as the longest (4272)
+    assert cpu_benchmark.fitting(todo, 1299, expected) is None
+    assert cpu_benchmark.fitting([("c_lora", 1)], 10 ** 9, {"c_lora": None}) is None  # no estimate anywhere
+    assert cpu_benchmark.until("2026-12-06T21:20") == cpu_benchmark.datetime(2026, 12, 6, 21, 20)
+    t = cpu_benchmark.until("07:05")
+    assert (t.hour, t.minute, t.date()) == (7, 5, cpu_benchmark.datetime.now().date())
+    with pytest.raises(Exception, match="neither HH:MM"):
+        cpu_benchmark.until("tonight")

@@ -37,7 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -228,7 +228,7 @@ def main() -> None:
     row, seed = todo[0]
     if a.until is not None:
         left = (a.until - datetime.now()).total_seconds()
-        pick = fitting(todo, left, {r: expected_seconds(r) for r, _ in todo})
+        pick = fitting(todo, left, {r: expected_seconds(r) for r in ROWS})
         if pick is None:
             print(f"{time.strftime('%H:%M:%S')} no run left is expected to end before {a.until:%Y-%m-%d %H:%M}; "
                   "stopping", flush=True)

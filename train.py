@@ -133,8 +133,8 @@ def presets(method: str | None) -> dict:
     return {
         "paper": dict(backbone="vit_base_patch16_224", weights=paper_weights, dataset="cifar100", amp="none",
                       normalize="none_01", train_aug="rrc", workers=8),
-        # fp32, not bf16: on the 2-core benchmark machine bf16 autocast measured 2x slower per step at this
-        # width (192) and batch (README, Presets); --amp bf16 is there for CPUs where it pays
+        # fp32, not bf16: on the 2-core benchmark machine bf16 autocast measured slower per step than fp32 for
+        # every method at this width and batch (README, Presets); --amp bf16 is there for CPUs where it pays
         "cpu": dict(backbone="vit_small32", weights=os.environ.get("CIL_WEIGHTS") or "weights/vit_small32_tin.pth",
                     dataset="cifar100", amp="none", normalize="weights", train_aug="rrc", workers=0, epochs=3,
                     batch_size=64),

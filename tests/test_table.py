@@ -94,11 +94,15 @@ def test_goal_table_compares_each_row_with_seq_lora_and_joint(tree):
     fake_run(tree, "c_lora", 0, last=9.0, avg=19.0, forget=31.0)
     fake_run(tree, "c_lora", 1, last=11.5, avg=19.0, forget=31.0)
     md = table.t_cpu_goal(str(tree)).splitlines()
-    assert md[2:] == ["| sd_lora | 1 of 3 | +28.50 | yes | -18.00 | yes | 1.50 | yes | – |",
-                      "| c_lora | 2 of 3 | +0.25 | yes | +1.00 | NO | 29.75 | no | – |"]  # no simple_cil run yet
+    # c_lora's mean is above seq_lora's, but seed by seed only its seed 0 run has a seq_lora run to meet: below
+    assert md[2:] == ["| sd_lora | 1 of 3 | +28.50 | yes | 1 of 1 | -18.00 | yes | 1 of 1 | 1.50 | yes | – |",
+                      "| c_lora | 2 of 3 | +0.25 | yes | 0 of 1 | +1.00 | NO | 0 of 1 | 29.75 | no | – |"]
+    fake_run(tree, "seq_lora", 1, last=10.0, avg=20.0, forget=32.0)
+    md = table.t_cpu_goal(str(tree)).splitlines()  # seq_lora's mean F is now 31.0: c_lora's 31.0 is not below it
+    assert md[3] == "| c_lora | 2 of 3 | +0.25 | yes | 1 of 2 | +0.00 | NO | 1 of 2 | 29.75 | no | – |"
     fake_run(tree, "simple_cil", 0, last=30.0, avg=40.0, forget=15.0)
     md = table.t_cpu_goal(str(tree)).splitlines()
-    assert md[2] == "| simple_cil | 1 of 3 | +20.00 | yes | -15.00 | yes | 10.00 | no | – |"
+    assert md[2] == "| simple_cil | 1 of 3 | +20.00 | yes | 1 of 1 | -16.00 | yes | 1 of 1 | 10.00 | no | – |"
     assert md[3].endswith("| 1.50 | yes | +8.50 |") and md[4].endswith("| no | -19.75 |")
 
 

@@ -155,6 +155,7 @@ def t_cpu_goal(root: str) -> str:
     s_a, s_f, j_a = (metric(seq, "last_acc")["mean"], metric(seq, "forgetting")["mean"],
                      metric(joint, "last_acc")["mean"])
     c_a = metric(simple, "last_acc")["mean"] if simple else None
+
     def paired(seeds: dict, key: str, better) -> str:
         """On how many of the seeds both rows have the row beats seq_lora's run of the same seed."""
         both = [k for k in seeds if k in seq]

@@ -44,9 +44,10 @@ def test_quick_results_structure_and_ratios(quick):
             assert positive_finite(c[key]), (T, key, c[key])
         assert c["eval_ratio_to_backbone"] == pytest.approx(c["method_eval_s"] / c["backbone_eval_s"], rel=1e-3)
         assert len(c["stored_params_per_task"]) == int(T)
-    # the ratios are the cells' numbers divided, not typed
+    # the ratios are the cells' numbers divided, not typed (rounded to the file's 4 decimals: a relative
+    # tolerance would fail a small ratio, e.g. 0.0166 when other work slowed the T = 1 cell's steps)
     c1, c2 = r["cells"]["1"], r["cells"]["2"]
-    assert r["train_step_ratio_T2_to_T1"] == pytest.approx(c2["train_s_per_batch"] / c1["train_s_per_batch"], rel=1e-3)
+    assert r["train_step_ratio_T2_to_T1"] == round(c2["train_s_per_batch"] / c1["train_s_per_batch"], 4)
     assert r["eval_ratio_to_backbone"] == c2["eval_ratio_to_backbone"]
     # every goal is judged from its number (sd_lora has all three goals)
     for kind, bound, value in (("eval", 1.05, r["eval_ratio_to_backbone"]),

@@ -39,6 +39,12 @@ no-op.
 
 To merge a delta into the weights, write into the row block of `attn.qkv.weight` that `qkv_rows` returns.
 
+Two helpers serve every method with many components or a folded inference model: `low_rank(x, A, B, scales)`
+runs the frozen components of a block as one stacked low-rank (or dense) product, so a training forward costs
+the same at task 50 as at task 1; `fold(vit, delta)` copies the ViT without adapters and with their updates
+written into its weights, and `Merged(vit, heads)` puts the heads on it: what a linear method's `merged()`
+returns and train.py evaluates.
+
 Trunk functions
 ---------------
 The methods reach the trunk only through functions that take the model, so both models work:
@@ -48,6 +54,7 @@ exist on both. `create("timm:<architecture>", weights)` builds a timm model (tim
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -277,6 +284,58 @@ def _proj_hook(attn: nn.Module, proj: nn.Module, args: tuple, out: torch.Tensor)
 
 
 # ----------------------------------------------------------------------------------------------------
+# Stacking and folding: many frozen components as one product in training, none at inference
+
+
+def low_rank(x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor],
+             scales: torch.Tensor | None = None) -> torch.Tensor | None:
+    """sum_k s_k B_k (A_k x) over the components k as one product; None when there are none.
+
+    A_k (r_k, d_in) are down-projections, B_k (d_out, r_k) up-projections; `scales` (one per component, None
+    for all 1) multiply their components and keep their gradient. With A_cat (R, d_in) and B_cat (d_out, R) the
+    concatenations, this is x (B_cat diag(s) A_cat)^T, computed as (x A_cat^T)(B_cat diag(s))^T, or through the
+    dense d_out x d_in matrix where that costs fewer multiply-adds per token (R (d_in + d_out) >= d_in d_out):
+    the cost per token never exceeds one dense matrix, however many components there are.
+    """
+    if not A:
+        return None
+    a = torch.cat(A)
+    b = torch.cat(B if scales is None else [b_k * s_k for b_k, s_k in zip(B, scales)], dim=1)
+    if a.shape[0] * (a.shape[1] + b.shape[0]) >= a.shape[1] * b.shape[0]:
+        return F.linear(x, b @ a)
+    return F.linear(F.linear(x, a), b)
+
+
+@torch.no_grad()
+def fold(vit: nn.Module, delta) -> nn.Module:
+    """A copy of `vit` without adapters whose weights hold their updates: `delta(i, m)` is the matrix added to
+    block i's q, k or v rows of attn.qkv.weight (m = 'q', 'k', 'v'; `qkv_rows`) or to attn.proj.weight (m = 'o'),
+    or None. The copy is a plain ViT: one forward costs what the backbone costs."""
+    memo = {id(a): None for blk in vit.blocks for a in (blk.attn._modules.get(s) for s in SLOTS) if a is not None}
+    plain = copy.deepcopy(vit, memo)  # every adapter slot of the copy is None
+    for i, blk in enumerate(plain.blocks):
+        for m in "qkvo":
+            D = delta(i, m)
+            if D is not None:
+                W = blk.attn.proj.weight if m == "o" else blk.attn.qkv.weight[qkv_rows(m, plain.embed_dim)]
+                W += D.to(W.dtype)
+    return plain
+
+
+class Merged(nn.Module):
+    """A linear method's inference model, what its `merged()` returns: the concatenated logits of `heads` (one
+    module per task) on f(x) of a plain ViT whose weights hold the adapters (`fold`)."""
+
+    def __init__(self, vit: nn.Module, heads: nn.ModuleList):
+        super().__init__()
+        self.vit, self.heads = vit, heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = features(self.vit, x)
+        return torch.cat([h(f) for h in self.heads], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Trunk: what the methods need from the model, as functions that take it
 
 
@@ -326,6 +385,19 @@ def block_cls(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
         h = blk(h)
         out.append(vit.norm(h[:, 0]))
     return torch.stack(out, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Options: the one way every method checks its Config
+
+
+def check_options(cfg, choices: dict, rules: list) -> None:
+    """Raise ValueError for the first field of `cfg` not among its `choices` ({field: allowed values}) or failing
+    its rule (field, ok, what it must be), as one line: "--field must be what (got value)"."""
+    rules = [(f, getattr(cfg, f) in allowed, "one of " + ", ".join(allowed)) for f, allowed in choices.items()] + rules
+    for field, ok, what in rules:
+        if not ok:
+            raise ValueError(f"--{field.replace('_', '-')} must be {what} (got {getattr(cfg, field)!r})")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -482,14 +482,17 @@ def train_task(method, loader, args: TrainArgs, t: int, epochs: int, dist: distr
 def evaluate(method, stream, args: TrainArgs, t: int, dist: distributed.Dist) -> tuple[list[float], list[int]]:
     """Accuracy (%) on the test images of every task j <= t, predictions over all C_t seen classes.
 
-    Under torchrun each process scores every world-th test image and the counts are summed.
+    Under torchrun each process scores every world-th test image and the counts are summed. A linear method is
+    scored through its `merged()` inference model (adapters folded into a copy of the backbone: one plain forward
+    per image), built here once and dropped after; any other method through its own forward.
     """
     method.eval()
+    model = method.merged() if hasattr(method, "merged") else method
     T_of = np.repeat(np.arange(t + 1), [len(stream.tasks[j]) for j in range(t + 1)])
     correct, count = np.zeros(t + 1), np.zeros(t + 1)
     for x, y in stream.test_loader(t, dist.rank, dist.world):
         with autocast(args):
-            logits = method(x.to(args.device))
+            logits = model(x.to(args.device))
         assert logits.shape[1] == len(T_of), f"forward gave {logits.shape[1]} logits for {len(T_of)} classes"
         pred, y = logits.argmax(1).cpu().numpy(), y.numpy()
         np.add.at(correct, T_of[y], pred == y)

@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import inspect
 import json
-import math
 import os
 import random
 import re
@@ -270,16 +269,17 @@ def parse(argv: list[str]) -> tuple[TrainArgs, object, dict | None]:
                 raise UsageError(f"--resume {given['resume']}: the run has {k.replace('_', '-')}={old[k]!r}, "
                                  f"not {new[k]!r}; start a new run instead")
     args = TrainArgs(**given)
-    validate(args, mcfg)
+    validate(args)
     try:
-        getattr(module, "validate", lambda c: None)(module.Config(**mcfg))
+        module.validate(module.Config(**mcfg))
     except ValueError as e:
         raise UsageError(f"{method}: {e}") from None
     return args, module.Config(**mcfg), saved
 
 
-def validate(args: TrainArgs, cfg: dict) -> None:
-    """Everything that can be checked before data and weights are read."""
+def validate(args: TrainArgs) -> None:
+    """Every run option that can be checked before data and weights are read (the method's options, lr, epochs and
+    batch size included, are checked by the method's own `validate`, once)."""
     problems = [
         (args.tasks < 1, f"--tasks must be at least 1 (got {args.tasks})"),
         (args.init_cls < 0 or args.increment < 0, "--init-cls and --increment must be >= 0"),
@@ -289,10 +289,6 @@ def validate(args: TrainArgs, cfg: dict) -> None:
         (args.workers < 0, f"--workers must be >= 0 (got {args.workers})"),
         (args.stop_after < 0, f"--stop-after must be >= 0 (got {args.stop_after})"),
         (args.eval_batch_size < 1, f"--eval-batch-size must be >= 1 (got {args.eval_batch_size})"),
-        (not math.isfinite(cfg.get("lr", 0.0)) or cfg.get("lr", 0.0) < 0, f"--lr must be a finite number >= 0 "
-                                                                           f"(got {cfg.get('lr')})"),
-        (cfg.get("epochs", 0) < 0, f"--epochs must be >= 0 (got {cfg.get('epochs')})"),
-        (cfg.get("batch_size", 1) < 1, f"--batch-size must be >= 1 (got {cfg.get('batch_size')})"),
         (args.backbone not in bb.PRESETS and not args.backbone.startswith("timm:"),
          f"--backbone must be one of {', '.join(bb.PRESETS)} or timm:<architecture> (got '{args.backbone}')"),
     ]

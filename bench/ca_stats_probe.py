@@ -56,7 +56,7 @@ def main() -> None:
     k = len(progress["acc"])
     if k < 2:
         sys.exit(f"error: {a.run_dir} has finished {k} task; the alignment runs from task 2 on")
-    vit = m._eval_vit()
+    vit = m.merged().vit
     sizes = [len(stream.tasks[j]) for j in range(k)]
     task_of = torch.arange(k).repeat_interleave(torch.tensor(sizes))
     with torch.no_grad():

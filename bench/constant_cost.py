@@ -18,11 +18,12 @@ Each (method, T) cell runs in its own subprocess (`--child`), so that its peak m
   - at the last task, after --warmup batches, --steps timed training batches of --batch random images with
     the task's labels (loss -> backward -> step; a loss that is a generator is one batch of several optimiser
     steps, all timed); the median s/batch;
-  - after its end_task, evaluation: --rounds interleaved rounds of [bare backbone `features(vit, x)`;
-    `method.eval()` (which drops any folded copy) and a first `method(x)`; --repeats more `method(x)`] on
-    the same --eval-images random images under torch.no_grad. eval_ratio_to_backbone is the median method
+  - after its end_task, evaluation as train.py runs it: --rounds interleaved rounds of [bare backbone
+    `features(vit, x)`; `method.eval()`, the model `method.merged()` (a linear method's folded inference model,
+    built once per evaluation; the method itself otherwise) and its first forward; --repeats more forwards] on
+    the same --eval-images random images under torch.no_grad. eval_ratio_to_backbone is the median model
     forward over the median backbone forward (steady state: what every batch of an evaluation after its
-    first costs); the first call's extra time (a fold, built once per evaluation) is reported beside it;
+    first costs); the first call's extra time (building merged()) is reported beside it;
   - memory on the CPU: peak resident memory over the cell's floor. The floor is the RSS once the imports,
     the two backbones and the images exist and a throwaway copy of the backbone has run one forward, backward
     and optimiser step (the first optimiser step imports torch._dynamo, ~150 MiB, which would otherwise be
@@ -306,15 +307,16 @@ def eval_into(cell: dict, m, bare, x, args, sync) -> None:
             bb.features(bare, x)
             sync()
             back.append(time.perf_counter() - s0)
-            m.eval()  # drops a folded copy: the first call below is an evaluation's first batch
-            s0 = time.perf_counter()
-            logits = m(x)
+            m.eval()
+            s0 = time.perf_counter()  # as train.py evaluates: merged() built once, then its forward per batch
+            model = m.merged() if hasattr(m, "merged") else m
+            logits = model(x)
             sync()
             first.append(time.perf_counter() - s0)
             slow = time.time() - t0 > args.eval_budget
             for _ in range(1 if slow else args.repeats):  # past the budget: one steady forward per round
                 s0 = time.perf_counter()
-                m(x)
+                model(x)
                 sync()
                 steady.append(time.perf_counter() - s0)
             if r + 1 >= args.min_rounds and (slow or time.time() - t0 > args.eval_budget):

@@ -35,7 +35,6 @@ def main() -> None:
         for B in list(ad.B)[1:]:
             for b in B.values():
                 b.zero_()
-    m.stack_frozen()
     moments = m.input_moments(stream.task_data(0).train)  # what end_task of task 1 computed
     eps = inflora.threshold(0, m.T, cfg.lamb, cfg.lame)
     empty = torch.zeros(moments[0].shape[0], 0, dtype=torch.float64)

@@ -1,6 +1,6 @@
 """Is it the representation or the classifier? Score a finished run's final features with fresh class means.
 
-Loads a run's last checkpoint (any method that evaluates through a folded backbone copy, `_eval_vit`: all but
+Loads a run's last checkpoint (any method that evaluates through a folded backbone copy, `merged()`: all but
 cl_lora and simple_cil), computes the mean feature of every seen class with the final backbone on all of its
 training images (test transforms), and classifies the test images by cosine to those means (nearest class
 mean, SimpleCIL's rule). The means use every task's images: an oracle the rehearsal-free methods cannot use.
@@ -24,10 +24,10 @@ from backbone import features  # noqa: E402  (finished_run puts the repository o
 @torch.no_grad()
 def main() -> None:
     a, args, _, stream, m, progress = open_run(__doc__)
-    if not hasattr(m, "_eval_vit"):
-        sys.exit(f"error: {args.method} does not evaluate through a folded backbone")
+    if not hasattr(m, "merged"):
+        sys.exit(f"error: {args.method} does not evaluate through a folded backbone (it has no merged())")
     k = len(progress["acc"])
-    vit = m._eval_vit()
+    vit = m.merged().vit
     sizes = [len(stream.tasks[j]) for j in range(k)]
     n_seen = sum(sizes)
     task_of = torch.arange(k).repeat_interleave(torch.tensor(sizes))

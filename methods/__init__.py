@@ -19,7 +19,12 @@ may override). train.py calls:
                                   The scheduler steps once per batch, after the last yield; the batch's
                                   recorded loss (progress, NaN check) is the sum of its yielded losses
     end_task(t, classes, data)    merges, freezes, stores prototypes / statistics / subspaces
-    forward(x)                    logits over every class seen so far (no task id)
+    forward(x)                    logits over every class seen so far (no task id), through the adapters
+    merged()                      optional, for a linear method (all but cl_lora and simple_cil): a plain inference
+                                  model, its heads over a copy of the backbone with every adapter folded into the
+                                  weights (backbone.fold, backbone.Merged): no adapters, no training state, the
+                                  logits of forward up to float rounding. train.py's evaluation builds it once per
+                                  evaluation and drops it after; a method without it is evaluated as it is
 
 `classes` are the global labels (positions in the class order) of task t: range(K_t, C_t).
 `data` is a data.TaskLoaders: `data.train` (train transforms, shuffled) and `data.plain` (the same
@@ -28,6 +33,9 @@ task on every process. train.py owns backward, gradient averaging, the optimizer
 precision (loss, each advance of a loss generator, and forward run under autocast; the hooks run
 in float32). A method that changes
 gradients does so inside `loss` (a custom autograd function or a tensor hook).
+Nothing a forward needs lives outside the module's parameters and buffers, so `.to(device or dtype)` converts
+a method at any point. Each method checks its Config in `validate(cfg, vit=None)` through
+backbone.check_options, the one place its options (lr, epochs and batch_size included) are checked.
 Anything end_task decides with a data-dependent shape is kept in fixed-shape buffers, so that
 grow() alone rebuilds the structure a checkpoint needs. The checkpoint holds the method's state dict
 except the backbone tensors that still equal the loaded weights (a merge into the backbone is kept).

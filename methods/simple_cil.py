@@ -5,15 +5,12 @@ Generalizability and Adaptivity are All You Need", IJCV 2024, arXiv 2303.07338.
 Official code: zhoudw-zdw/RevisitingCIL; followed: sun-hailong/LAMDA-PILOT @ 2647455 (`models/simplecil.py`,
 `utils/inc_net.py` SimpleVitNet, `backbone/linears.py` CosineLinear; line numbers at that commit).
 
-Implements:
+Implements (no training at all: the backbone stays bit-identical and old prototypes never change):
     p_c = mean of f(x) over class c's training images with test transforms, after the task of c
-        (models/simplecil.py L27-50, the loader of L66-67 uses mode="test")
+        (models/simplecil.py L27-50, the loader of L66-67 uses mode="test"): `end_task`, `class_means`
     logit_c(x) = sigma * cos(f(x), p_c), sigma = 1, untrained (backbone/linears.py L51-65; SimpleVitNet's
-        fc is a CosineLinear, utils/inc_net.py L570-572)
-No training at all: the backbone stays bit-identical and old prototypes never change.
-
-Deviations: none.
-
+        fc is a CosineLinear, utils/inc_net.py L570-572): `forward`
+Deviations: none. train.py evaluates it through its own forward (there is no adapter to fold).
 Run: python train.py --method simple_cil --tasks 10
 """
 from __future__ import annotations
@@ -24,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import features
+from backbone import check_options, features
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -35,9 +32,9 @@ class Config:
     sigma: float = 1.0
     """cosine-classifier scale (untrained; PILOT: 1)"""
     lr: float = 0.0
-    """unused: nothing trains"""
+    """unused: nothing trains (a field of every Config)"""
     epochs: int = 0
-    """unused: nothing trains"""
+    """unused: nothing trains (a field of every Config)"""
     batch_size: int = 128
     """batch size of the prototype pass"""
 
@@ -45,10 +42,10 @@ class Config:
 CHOICES: dict = {}
 
 
-def validate(cfg: Config) -> None:
-    """Raise ValueError for a Config that cannot run."""
-    if not cfg.sigma > 0:
-        raise ValueError(f"--sigma must be > 0 (got {cfg.sigma})")
+def validate(cfg: Config, vit: nn.Module | None = None) -> None:
+    """Raise ValueError for the first option of `cfg` that cannot run."""
+    check_options(cfg, CHOICES, [("sigma", cfg.sigma > 0, "> 0"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
+                                 ("lr", cfg.lr >= 0, ">= 0"), ("epochs", cfg.epochs >= 0, ">= 0")])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -58,7 +55,7 @@ def validate(cfg: Config) -> None:
 class SimpleCIL(nn.Module):
     def __init__(self, vit: nn.Module, num_classes: int, cfg: Config):
         super().__init__()
-        validate(cfg)
+        validate(cfg, vit)
         self.cfg = cfg
         self.vit = vit
         for p in vit.parameters():
@@ -80,14 +77,12 @@ class SimpleCIL(nn.Module):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("SimpleCIL does not train")
 
-    @torch.no_grad()
     def end_task(self, t: int, classes: list[int], data) -> None:
         self.protos[classes] = class_means(self.vit, data.plain, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.protos[: int(self.n_seen)]
-        f = features(self.vit, x).float()
-        return self.cfg.sigma * F.linear(F.normalize(f, dim=1), F.normalize(p, dim=1))
+        return self.cfg.sigma * F.linear(F.normalize(features(self.vit, x).to(p.dtype), dim=1), F.normalize(p, dim=1))
 
 
 Method = SimpleCIL

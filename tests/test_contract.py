@@ -205,6 +205,34 @@ def test_frozen_backbone_and_one_class_tasks(name, variant):
         assert any(not torch.equal(after[k], w) for k, w in before.items() if merged.fullmatch(k))
 
 
+@pytest.mark.parametrize("name, variant", CASES)
+def test_merged_model_and_dtype_conversion_after_evaluation(name, variant):
+    """A linear method's merged() (what train.py evaluates) gives forward's logits with no adapter, no parameter
+    shared with the method and the method's state untouched; every method converts with .double() after an
+    evaluation and gives the same logits in float64 (nothing its forward needs lives outside its parameters and
+    buffers)."""
+    module = METHODS[name]
+    torch.manual_seed(0)
+    m = module.Method(tiny_vit(), 5, config(module, variant))
+    for t, classes in enumerate([[0, 1, 2], [3, 4]]):
+        train_one_task(m, t, classes)
+    x = torch.cat([x for x, _ in synthetic_task(range(5), n_per_class=2, seed=9).plain])
+    with torch.no_grad():
+        logits = m(x)
+        if hasattr(m, "merged"):
+            state = {k: v.clone() for k, v in m.state_dict().items()}
+            merged = m.merged()
+            torch.testing.assert_close(merged(x), logits, atol=1e-4, rtol=1e-4)
+            assert not [k for k in merged.state_dict() if "adapter" in k], "merged() kept adapters"
+            assert {id(p) for p in merged.parameters()}.isdisjoint({id(p) for p in m.parameters()})
+            after = m.state_dict()
+            assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+        m.double()
+        torch.testing.assert_close(m(x.double()), logits.double(), atol=1e-4, rtol=1e-4)
+        if hasattr(m, "merged"):
+            torch.testing.assert_close(m.merged()(x.double()), logits.double(), atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Options
 

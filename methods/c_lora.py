@@ -3,9 +3,7 @@
 Paper: Zhang, Bai, Yang, Liang, "C-LoRA: Continual Low-Rank Adaptation for Pre-trained Models",
 arXiv 2502.17920 (February 2025; preprint, venue not confirmed). Not to be confused with "CLoRA" (Controlled
 LoRA), "CL-LoRA" (He et al., CVPR 2025; methods/cl_lora.py) or "C-LoRA" (Smith et al., 2023, diffusion).
-Official code: none released. The optional classifier alignment (off by default) is InfLoRA's
-(liangyanshuo/InfLoRA @ e08b00e `methods/inflora_ca1.py`, "inflora_ca1.py L<n>" below; the same code as
-methods/inflora.py).
+Official code: none released.
 
 THIS FILE IS A RECONSTRUCTION (its choices beyond the sources: "Deviations" below). Where each part comes
 from is marked in the comments:
@@ -25,17 +23,19 @@ writes delta W = A R B with A the up ("left") and B the down ("right") factor, t
            grad_R_delta = s B^T G A^T, with G = dL/d(delta W); R_old is a buffer
     L = CE(h_t(f(x)), y - K_t) + lambda * sum_matrices ||Q_old^T R_delta||_F^2,  Q_old = R_old    Eq. 26 [FORMAL]
     task boundary: R_old <- R_old + R_delta, R_delta <- 0 (the function is unchanged); A, B keep training
-    inference: logits of all seen heads concatenated, argmax, no task id; the adapter equals the merged
-        weight W0 + s B R_old A (`merged_vit`), so evaluation costs one pass of the plain backbone
-    optional (off, --ca): classifier alignment of all heads on Gaussian class replay after every task t >= 1
-        (inflora_ca1.py L101-103, L405-487): class mean mu_c and covariance Sigma_c of f(x) on the class's
-        training images with test transforms, frozen at their task (L541-559); SGD momentum 0.9, cosine over
-        the epochs (L411-416); per epoch n samples per class from N(gamma_c mu_c, Sigma_c + delta I)
-        (L430-443), gamma_c = 0.9 + 0.1 (t_c + 1)/(t + 1) (L431-433), shuffled and cut into |C_<=t| batches
-        of n (L448-455); CE on z / (tau mean_s ||z_{C_s}||) (L459-473)
+    inference: logits of all seen heads concatenated, argmax, no task id
     Eqs. 4-5 (why one LoRA replaces many): R = blockdiag(w_t I) gives B R A = sum_t w_t B_t A_t.
 The adapter's size is fixed: per matrix r (d_in + d_out) + r^2 trainable values and r^2 buffer values (R_old),
 whatever the number of tasks; only the classifier grows.
+
+Where the equations live:
+    delta W = s B (R_old + R_delta) A        LoRASite.delta_weight; folded into the weights by CLoRA.merged
+    Eqs. 11-12 (old route stop-gradient)     LoRASite.forward
+    Eq. 26 (orthogonality penalty)           LoRASite.set_old_basis (Q_old), LoRASite.penalty, CLoRA.orth_penalty;
+                                             the sum L = CE + lambda L_orth in CLoRA.loss
+    task boundary (R_old <- R_old + R_delta) LoRASite.consolidate, called by CLoRA.end_task
+    Eqs. 4-5, Theorem 3.1                    properties of the above, no code of their own (tests/test_c_lora.py)
+    head (cosine, prototype init)            CosineHead, class_means, CLoRA.begin_task; inference: CLoRA.forward
 
 Defaults (all [ASSUMED], chosen for comparability with KeepLoRA, methods/keep_lora.py): targets q, k, v, o of
 every block; r = 16; s = alpha / r = 1; AdamW lr 1e-3, weight decay 0 (decay on A and B would rewrite the old
@@ -53,14 +53,9 @@ Deviations (there is no official code; these are choices beyond the sources abov
   with R_old over tasks: ||R_old||_F^2 in the default mode; in `svd_topk` mode the basis is orthonormal and the
   divisor is k, which does not drift.
 - The head scale 30 is fixed (not learned), as the KeepLoRA+ head it borrows.
-- Evaluation (the method in eval mode) runs `merged_vit()`, a copy with every site's s B (R_old + R_delta) A
-  added into attn.qkv / attn.proj and no adapters: one pass of the plain backbone, the same logits up to float
-  rounding. The copy is built on the first evaluation forward and kept outside the module tree (not in the
-  state dict) until `train()`/`eval()`, `grow`, `begin_task`, `end_task` or `load_state_dict`; the eval forward
-  is not differentiable in A, B, R. Training mode (and every loss) runs the adapters.
-- `--ca` keeps the aligned heads: the contract has no hook after evaluation, so PILOT's restore-after-evaluation
-  variant is not offered. It samples with torch's global generator (seeded by train.py). Sigma_c is stored in
-  float32.
+- train.py evaluates `merged()`: every site's s B (R_old + R_delta) A written into attn.qkv / attn.proj of a copy
+  of the ViT, one plain backbone forward; the logits of `forward` (which runs the adapters) up to rounding.
+- The classifier-alignment ablation (`--ca`, not part of C-LoRA) was removed: InfLoRA's `--ca` is where it lives.
 
 Run: python train.py --method c_lora --tasks 10
 """
@@ -74,7 +69,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import attach, features, qkv_rows
+from backbone import Merged, attach, check_options, features, fold
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -114,46 +109,22 @@ class Config:
     """epochs per task (CIFAR) [ASSUMED]"""
     batch_size: int = 64
     """training batch size [ASSUMED]"""
-    ca: bool = False
-    """classifier alignment after every task t >= 1 (InfLoRA's; an ablation, not part of C-LoRA)"""
-    ca_epochs: int = 5
-    """alignment epochs (inflora_ca1.py: 5)"""
-    ca_lr: float = 0.01
-    """alignment SGD learning rate (momentum 0.9, cosine over the alignment epochs)"""
-    ca_weight_decay: float = 5e-4
-    """alignment SGD weight decay"""
-    ca_samples: int = 256
-    """Gaussian samples per class and epoch, also the alignment batch size (inflora_ca1.py: 256)"""
-    ca_shrink: float = 1e-4
-    """covariance shrinkage delta: Sigma_c + delta I"""
-    ca_logit_norm: float = 0.1
-    """tau of the per-task logit normalisation (0: plain CE)"""
 
 
 CHOICES = {"orth_mode": ("r_old", "svd_topk"), "head": ("cosine_proto", "linear"),
            "schedule": ("onecycle", "cosine", "constant")}
 
 
-def validate(cfg: Config) -> None:
-    """Raise ValueError for a Config that cannot run."""
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
-                             f"(got {getattr(cfg, name)!r})")
-    if not cfg.targets or not set(cfg.targets) <= set("qkvo") or len(set(cfg.targets)) != len(cfg.targets):
-        raise ValueError(f"--targets must be distinct letters of q, k, v, o (got {cfg.targets!r})")
-    for name, ok, rule in (("rank", cfg.rank >= 1, ">= 1"), ("scale", cfg.scale > 0, "> 0"),
-                           ("lambda_orth", cfg.lambda_orth >= 0, ">= 0"),
-                           ("orth_energy", 0 < cfg.orth_energy <= 1, "in (0, 1]"),
-                           ("r_delta_init_std", cfg.r_delta_init_std >= 0, ">= 0"),
-                           ("head_scale", cfg.head_scale > 0, "> 0"), ("lr", cfg.lr > 0, "> 0"),
-                           ("weight_decay", cfg.weight_decay >= 0, ">= 0"), ("epochs", cfg.epochs >= 1, ">= 1"),
-                           ("batch_size", cfg.batch_size >= 1, ">= 1"), ("ca_epochs", cfg.ca_epochs >= 1, ">= 1"),
-                           ("ca_lr", cfg.ca_lr > 0, "> 0"), ("ca_weight_decay", cfg.ca_weight_decay >= 0, ">= 0"),
-                           ("ca_samples", cfg.ca_samples >= 1, ">= 1"), ("ca_shrink", cfg.ca_shrink >= 0, ">= 0"),
-                           ("ca_logit_norm", cfg.ca_logit_norm >= 0, ">= 0")):
-        if not ok:
-            raise ValueError(f"--{name.replace('_', '-')} must be {rule} (got {getattr(cfg, name)})")
+def validate(cfg: Config, vit: nn.Module | None = None) -> None:
+    """Raise ValueError for the first option of `cfg` that cannot run."""
+    check_options(cfg, CHOICES, [
+        ("rank", cfg.rank >= 1, ">= 1"), ("scale", cfg.scale > 0, "> 0"),
+        ("targets", len(cfg.targets) == len(set(cfg.targets)) >= 1 and set(cfg.targets) <= set("qkvo"),
+         "distinct letters of q, k, v, o"),
+        ("lambda_orth", cfg.lambda_orth >= 0, ">= 0"), ("orth_energy", 0 < cfg.orth_energy <= 1, "in (0, 1]"),
+        ("r_delta_init_std", cfg.r_delta_init_std >= 0, ">= 0"), ("head_scale", cfg.head_scale > 0, "> 0"),
+        ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("epochs", cfg.epochs >= 1, ">= 1"), ("batch_size", cfg.batch_size >= 1, ">= 1")])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,7 +194,8 @@ class QKVAdapter(nn.Module):
 
 
 class CosineHead(nn.Module):
-    """logits = tau cos(f, w_c) over the classes of one task; tau a number (fixed) or an nn.Parameter (learned)."""
+    """logits = tau cos(f, w_c) over the classes of one task; tau a number (fixed) or an nn.Parameter (learned).
+    Computed in the head's own precision, also under autocast."""
 
     def __init__(self, d: int, n: int, tau: float | nn.Parameter):
         super().__init__()
@@ -231,7 +203,9 @@ class CosineHead(nn.Module):
         self.weight = nn.Parameter(torch.zeros(n, d))  # written by the method before training
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.tau * F.linear(F.normalize(f, dim=-1), F.normalize(self.weight, dim=-1))
+        with torch.autocast(f.device.type, enabled=False):
+            w = self.weight
+            return self.tau * F.linear(F.normalize(f.to(w.dtype), dim=-1), F.normalize(w, dim=-1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,7 +215,7 @@ class CosineHead(nn.Module):
 class CLoRA(nn.Module):
     def __init__(self, vit: nn.Module, num_classes: int, cfg: Config):
         super().__init__()
-        validate(cfg)
+        validate(cfg, vit)
         self.cfg = cfg
         self.vit = vit
         for p in vit.parameters():
@@ -254,14 +228,9 @@ class CLoRA(nn.Module):
             attach(vit, "out_adapter", lambda i, attn: LoRASite(d, d, r, s, sg))
         self.heads = nn.ModuleList()
         self.offsets: list[int] = [0]  # K_t for every grown task, then C_t
-        if cfg.ca:  # class statistics of the alignment, frozen at their task (fixed shapes for resume)
-            self.register_buffer("ca_mean", torch.zeros(num_classes, d, dtype=torch.float64))
-            self.register_buffer("ca_cov", torch.zeros(num_classes, d, d))
-        self.register_load_state_dict_post_hook(CLoRA._drop_eval_cache)
 
     # -- contract --------------------------------------------------------------------------------
     def grow(self, t: int, classes: list[int]) -> None:
-        self._drop_eval_cache()
         assert t == len(self.heads) and classes[0] == self.offsets[-1], "tasks must grow in order"
         d, device = self.vit.embed_dim, self.vit.cls_token.device
         head = CosineHead(d, len(classes), self.cfg.head_scale) if self.cfg.head == "cosine_proto" \
@@ -273,7 +242,6 @@ class CLoRA(nn.Module):
 
     @torch.no_grad()
     def begin_task(self, t: int, classes: list[int], data) -> None:
-        self._drop_eval_cache()
         for site in self.sites():
             site.R_delta.zero_()
             if self.cfg.r_delta_init_std > 0:
@@ -291,45 +259,31 @@ class CLoRA(nn.Module):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         K_t = self.offsets[-2]
-        ce = F.cross_entropy(self.head_logits(self.heads[-1], features(self.vit, x)), y - K_t)  # task-local CE
+        ce = F.cross_entropy(self.heads[-1](features(self.vit, x)), y - K_t)  # task-local CE
         if self.cfg.lambda_orth == 0:
             return ce
         return ce + self.cfg.lambda_orth * self.orth_penalty()  # L = L_CE + lambda sum L_orth
 
     @torch.no_grad()
     def end_task(self, t: int, classes: list[int], data) -> None:
-        self._drop_eval_cache()
         for site in self.sites():
             site.consolidate()  # R_old <- R_old + R_delta; R_delta <- 0
         self.heads[t].requires_grad_(False)
-        if self.cfg.ca:
-            mean, cov = class_statistics(self.vit, data.plain, classes)
-            self.ca_mean[classes] = mean
-            self.ca_cov[classes] = cov.float()
-            if t >= 1:
-                self.align_heads(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        vit = self.vit if self.training else self._eval_vit()  # evaluation: the folded copy, one plain pass
-        return self.logits(features(vit, x))
+        return self.logits(features(self.vit, x))
+
+    def merged(self) -> nn.Module:
+        """The inference model: the heads over a copy of the ViT with every site's s B (R_old + R_delta) A added
+        into its qkv rows (q, k, v) or attn.proj (o), no adapters. A and B keep training: never merged in place."""
+        def delta(i: int, m: str) -> torch.Tensor | None:
+            if m not in self.cfg.targets:
+                return None
+            attn = self.vit.blocks[i].attn
+            return (attn.out_adapter if m == "o" else attn.qkv_adapter.sites[m]).delta_weight()
+        return Merged(fold(self.vit, delta), copy.deepcopy(self.heads))
 
     # -- helpers ---------------------------------------------------------------------------------
-    def train(self, mode: bool = True):
-        self._drop_eval_cache()  # eval() comes here too: the copy is built once per evaluation
-        return super().train(mode)
-
-    def _drop_eval_cache(self, *_) -> None:
-        """Forget the folded copy (also the load_state_dict post hook, hence the ignored arguments)."""
-        self.__dict__.pop("_eval_cache", None)
-
-    def _eval_vit(self) -> nn.Module:
-        """`merged_vit()`, built on the first call after `train`/`eval`, `grow`, `begin_task`, `end_task` or a
-        load and cached outside the module tree (not in state_dict, parameters() or .to())."""
-        vit = self.__dict__.get("_eval_cache")
-        if vit is None:
-            vit = self.__dict__["_eval_cache"] = self.merged_vit()
-        return vit
-
     def sites(self) -> list[LoRASite]:
         """Every adapted matrix, in block order (q, k, v, then o)."""
         out = []
@@ -344,65 +298,8 @@ class CLoRA(nn.Module):
         """sum over adapted matrices of ||Q_old^T R_delta||_F^2 (Eq. 26); 0 in the first task (R_old = 0)."""
         return torch.stack([site.penalty(self.cfg.orth_normalise) for site in self.sites()]).sum()
 
-    @staticmethod
-    def head_logits(head: nn.Module, f: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(f.device.type, enabled=False):  # the head in float32
-            return head(f.float())
-
     def logits(self, f: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.head_logits(h, f) for h in self.heads], dim=1)
-
-    @torch.enable_grad()
-    def align_heads(self, t: int) -> None:
-        """Classifier alignment after task t (inflora_ca1.py L405-487): only the heads h_0..h_t change."""
-        cfg, C, device = self.cfg, self.offsets[-1], self.ca_mean.device
-        sizes = [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])]
-        task_of = torch.arange(t + 1, device=device).repeat_interleave(torch.tensor(sizes, device=device))
-        means = (mean_decay(task_of, t)[:, None] * self.ca_mean[:C]).float()
-        eye = torch.eye(self.ca_cov.shape[-1], dtype=torch.float64, device=device)
-        trils = torch.linalg.cholesky(self.ca_cov[:C].double() + cfg.ca_shrink * eye).float()
-        params = [p for h in self.heads for p in h.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.SGD(params, lr=cfg.ca_lr, momentum=0.9, weight_decay=cfg.ca_weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.ca_epochs)
-        n = cfg.ca_samples
-        with torch.autocast(device_type=device.type, enabled=False):
-            for _ in range(cfg.ca_epochs):
-                feats, labels = gaussian_replay(means, trils, n)
-                perm = torch.randperm(len(labels)).to(device)
-                feats, labels = feats[perm], labels[perm]
-                for i in range(C):  # |C_<=t| batches of n samples per epoch
-                    z = self.logits(feats[i * n:(i + 1) * n])
-                    if cfg.ca_logit_norm > 0:
-                        z = task_normalised(z, sizes, cfg.ca_logit_norm)
-                    loss = F.cross_entropy(z, labels[i * n:(i + 1) * n])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                sched.step()
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
-
-    @torch.no_grad()
-    def merged_vit(self) -> nn.Module:
-        """A copy of the backbone with W0 + s B (R_old + R_delta) A written into its weights and no adapters.
-
-        The same function as the adapted backbone in one plain pass; evaluation runs it (`_eval_vit`).
-        A and B keep training, so the method never merges in place.
-        """
-        vit = copy.deepcopy(self.vit)
-        d = vit.embed_dim
-        for blk in vit.blocks:
-            attn = blk.attn
-            if attn.qkv_adapter is not None:
-                for m, site in attn.qkv_adapter.sites.items():
-                    attn.qkv.weight[qkv_rows(m, d)] += site.delta_weight()
-            if attn.out_adapter is not None:
-                attn.proj.weight += attn.out_adapter.delta_weight()
-            attn.qkv_adapter = attn.out_adapter = None
-        return vit
+        return torch.cat([h(f) for h in self.heads], dim=1)
 
 
 Method = CLoRA
@@ -447,48 +344,3 @@ def class_means(encoder: nn.Module, loader, classes: list[int]) -> torch.Tensor:
     encoder.train(was_training)
     assert (counts > 0).all(), "a class of the task has no training image"
     return (sums / counts[:, None]).float()
-
-
-@torch.no_grad()
-def class_statistics(vit: nn.Module, loader, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased covariance (float64) of f(x) for every class of `classes`, in that order
-    (inflora_ca1.py L541-559; the 1e-4 I it adds there is added at sampling time here)."""
-    was_training = vit.training
-    vit.eval()
-    device = next(vit.parameters()).device
-    feats, ys = [], []
-    with torch.autocast(device_type=device.type, enabled=False):
-        for x, y in loader:
-            feats.append(features(vit, x.to(device)).double())
-            ys.append(y.to(device))
-    vit.train(was_training)
-    feats, ys = torch.cat(feats), torch.cat(ys)
-    means, covs = [], []
-    for c in classes:
-        f = feats[ys == c]
-        if len(f) == 0:
-            raise ValueError(f"class {c} has no training image: cannot compute its statistics")
-        mu = f.mean(0)
-        means.append(mu)
-        covs.append((f - mu).T @ (f - mu) / max(len(f) - 1, 1))  # one image: zero, the shrinkage keeps it PD
-    return torch.stack(means), torch.stack(covs)
-
-
-def mean_decay(task_of: torch.Tensor, t: int) -> torch.Tensor:
-    """gamma_c = 0.9 + 0.1 (t_c + 1) / (t + 1) for a class introduced by task t_c (inflora_ca1.py L431-433)."""
-    return 0.9 + 0.1 * (task_of + 1).double() / (t + 1)
-
-
-def gaussian_replay(means: torch.Tensor, trils: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n samples per class c from N(means[c], trils[c] trils[c]^T) with torch's global generator, and their
-    labels c: (C * n, d), (C * n,), class by class (inflora_ca1.py L430-443)."""
-    C, d = means.shape
-    z = torch.randn(C, n, d, device=means.device, dtype=means.dtype)
-    x = means[:, None, :] + z @ trils.transpose(1, 2)
-    return x.reshape(C * n, d), torch.arange(C, device=means.device).repeat_interleave(n)
-
-
-def task_normalised(z: torch.Tensor, sizes: list[int], tau: float) -> torch.Tensor:
-    """z / (tau * mean_s ||z_{C_s}||_2), s over the tasks of sizes `sizes` (inflora_ca1.py L459-472)."""
-    norms = torch.stack([b.norm(dim=1) + 1e-7 for b in z.split(sizes, dim=1)], dim=1).mean(1, keepdim=True)
-    return z / norms / tau

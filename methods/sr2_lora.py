@@ -21,7 +21,7 @@ Implements (A = down (r x d), B = up (d x r); t = current task, 0-indexed):
         loss = mean_x H(softmax(z)) + CE(z / (0.1 (||z||_2 + 1e-7)), y),  z = [h_0; ...; h_t](x~)
                                                       dlora L218-221, L410-488; utils/losses.py L55-63
     inference: argmax over [h_0(f); ...; h_t(f)] with every branch active, no task id      sinet L140-150
-        (here every branch folded into the weights of one copy of the ViT, see Deviations)
+        (train.py: `merged()`, every branch folded into the weights of one copy of the ViT)
 Defaults: rank 10 (scripts/train_cifar100.sh L11-14 run the rank ablations 1, 5, 20, 64 beside the default
 configs; InfLoRA's configs/cifar100_inflora.json L28 uses 10), lambda_SR = 1 and beta = 1 (dlora L316-318: no
 coefficient, PyTorch's smooth-L1 default), K and V of every block (vit L187); optimiser Adam (0.9, 0.999) with
@@ -29,6 +29,17 @@ InfLoRA's epoch cosine (dlora L276-278, L329), lr 5e-4, wd 0, batch 128, 20 epoc
 configs/cifar100_inflora.json L18-27 @ e08b00e; SR²'s configs are not released); CA: 20 epochs, SGD lr 0.005,
 momentum 0.9, CosineAnnealingLR(T_max = 5), 5 x batch samples per class, shrinkage 1e-2, tau 0.1
 (dlora L407-408, L416-430; utils/losses.py L56).
+
+Where the equations live (the paper's text was not available: the steps of Implements, in order):
+    W_m^(t) x              TaskLoRA.forward (one task's branch: QKVLoRA)
+    phi_l, F(x)            backbone.block_cls, called in SR2LoRA.loss
+    R(x), lambda_i         relation_matrix, spectrum
+    L_SR                   relation_loss; the previous model: SR2LoRA.previous_block_cls (previous_model)
+    L                      SR2LoRA.loss
+    mu_c, Sigma_c          class_statistics, called in SR2LoRA.end_task
+    alignment              SR2LoRA.align_heads (gaussian_replay, alignment_loss)
+    inference              SR2LoRA.forward; train.py evaluates SR2LoRA.merged
+    schedules              inflora_cosine (Adam), epoch_cosine (--optim sgd)
 
 Fixed (defects of the released code, not replicated):
 - `dlora` crashes on its own training path: the class means and covariances live in empty Python lists
@@ -44,15 +55,11 @@ Deviations:
   'weight_decay': args['weight_decay'] (the training wd, 0 in the InfLoRA config), which overrides it
   (dlora L418-420). The effective value is the training wd, so `ca_weight_decay` defaults to 0.0; SLCA's 5e-4 is
   one flag away (--ca-weight-decay 5e-4).
-- Cost that does not grow with the tasks, the same function up to float rounding. The code forms the dense
-  sum_{s<=t} B_s^m A_s^m of every branch in every forward: training, the previous model and inference
-  (vit L257-267, L276-291; sinet L119, L124, L141). Here evaluation runs a folded copy: `merged_vit()` writes
-  every branch's B_s^m A_s^m into the qkv rows of a copy of the ViT, built once per evaluation (`_eval_vit`):
-  one plain backbone forward. In training, the frozen branches s < t enter as one product (x A_cat^T) B_cat^T
-  per target, A_cat the R x d concatenation of their A_s^m (R = t r), or as their dense sum_s B_s^m A_s^m where
-  that costs fewer multiply-adds per token (2 R >= d), rebuilt by `stack_frozen` at grow, merge and
-  load_state_dict; the current branch t runs as B_t (A_t x), and the previous model (branches s <= t-1) is
-  the stacked product alone. `merge()` folds every branch into W in place when wanted.
+- train.py evaluates `merged()`: every branch's B_s^m A_s^m written into the qkv rows of a copy of the ViT, one
+  plain backbone forward (the code forms the dense sum_{s<=t} B_s^m A_s^m in every forward, vit L257-267,
+  L276-291; sinet L119, L124, L141); the logits of `forward` up to float rounding. In training the frozen
+  branches s < t enter as one product per target (`backbone.low_rank`: low-rank, or dense where that costs
+  fewer multiply-adds) and the current branch as B_t (A_t x); the previous model is the frozen product alone.
 - The code's CA optimiser also holds the (unused) heads of future tasks (dlora L419, sinet L83-86); here only
   the heads of seen tasks.
 - The relation loss runs in float32 with autocast off (eigen-solvers have no bf16 kernels). Spectra come from
@@ -79,6 +86,7 @@ Run: python train.py --method sr2_lora --tasks 10
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -87,7 +95,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import attach, block_cls, features, qkv_rows
+from backbone import Merged, attach, block_cls, check_options, features, fold, low_rank
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -143,25 +151,19 @@ CHOICES = {"sr_width_norm": ("off", "on"), "relation": ("spectral", "batch", "co
            "optim": ("adam", "sgd"), "ca": ("sr2", "ce", "none")}
 
 
-def validate(cfg: Config) -> None:
-    """Raise ValueError for a Config that cannot run."""
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
-                             f"(got {getattr(cfg, name)!r})")
-    if not cfg.targets or not set(cfg.targets) <= set("qkv") or len(set(cfg.targets)) != len(cfg.targets):
-        raise ValueError(f"--targets must be distinct letters of q, k, v (got {cfg.targets!r})")
-    for name, ok, rule in (("rank", cfg.rank >= 1, ">= 1"), ("sr_weight", cfg.sr_weight >= 0, ">= 0"),
-                           ("sr_beta", cfg.sr_beta > 0, "> 0"),
-                           ("train_logit_norm", cfg.train_logit_norm >= 0, ">= 0"), ("lr", cfg.lr > 0, "> 0"),
-                           ("weight_decay", cfg.weight_decay >= 0, ">= 0"), ("epochs", cfg.epochs >= 1, ">= 1"),
-                           ("batch_size", cfg.batch_size >= 1, ">= 1"), ("ca_epochs", cfg.ca_epochs >= 0, ">= 0"),
-                           ("ca_lr", cfg.ca_lr > 0, "> 0"), ("ca_weight_decay", cfg.ca_weight_decay >= 0, ">= 0"),
-                           ("ca_tmax", cfg.ca_tmax >= 1, ">= 1"), ("ca_shrink", cfg.ca_shrink >= 0, ">= 0"),
-                           ("ca_samples", cfg.ca_samples >= 0, ">= 0"),
-                           ("ca_logit_norm", cfg.ca_logit_norm > 0, "> 0")):
-        if not ok:
-            raise ValueError(f"--{name.replace('_', '-')} must be {rule} (got {getattr(cfg, name)})")
+def validate(cfg: Config, vit: nn.Module | None = None) -> None:
+    """Raise ValueError for the first option of `cfg` that cannot run."""
+    check_options(cfg, CHOICES, [
+        ("rank", cfg.rank >= 1, ">= 1"),
+        ("targets", len(cfg.targets) == len(set(cfg.targets)) >= 1 and set(cfg.targets) <= set("qkv"),
+         "distinct letters of q, k, v"),
+        ("sr_weight", cfg.sr_weight >= 0, ">= 0"), ("sr_beta", cfg.sr_beta > 0, "> 0"),
+        ("train_logit_norm", cfg.train_logit_norm >= 0, ">= 0"), ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "> 0"),
+        ("weight_decay", cfg.weight_decay >= 0, ">= 0"), ("epochs", cfg.epochs >= 1, ">= 1"),
+        ("batch_size", cfg.batch_size >= 1, ">= 1"), ("ca_epochs", cfg.ca_epochs >= 0, ">= 0"),
+        ("ca_lr", cfg.ca_lr > 0, "> 0"), ("ca_weight_decay", cfg.ca_weight_decay >= 0, ">= 0"),
+        ("ca_tmax", cfg.ca_tmax >= 1, ">= 1"), ("ca_shrink", cfg.ca_shrink >= 0, ">= 0"),
+        ("ca_samples", cfg.ca_samples >= 0, ">= 0"), ("ca_logit_norm", cfg.ca_logit_norm > 0, "> 0")])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ def validate(cfg: Config) -> None:
 
 
 class QKVLoRA(nn.Module):
-    """One task's branch: delta B_m A_m x on the slices m of the fused qkv (one block)."""
+    """One task's branch: B_m A_m on the slices m of the fused qkv (one block)."""
 
     def __init__(self, d: int, rank: int, targets: str):
         super().__init__()
@@ -178,65 +180,33 @@ class QKVLoRA(nn.Module):
         for a in self.A.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # vit L235-243
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {m: F.linear(F.linear(x, self.A[m]), self.B[m]) for m in self.A}
-
-    def delta_weight(self, m: str) -> torch.Tensor:
-        return self.B[m] @ self.A[m]
-
 
 class TaskLoRA(nn.Module):
-    """All tasks' branches of one block (the qkv_adapter): the frozen branches 0..frozen-1 as one stacked product
-    (`stack_frozen`), then, while `current` is set, the branches from `frozen` on (the current one) by themselves.
-
-    The previous model is the same forward with `current` off: both add the same stacked product, and a branch
-    whose B is 0 adds exact zeros, so at the first step of a task the two models agree bit for bit.
-    """
+    """All tasks' branches of one block (the qkv_adapter): the frozen branches s < t as one product per target,
+    then, while `current` is set, the current branch t. The previous model is the same forward with `current`
+    off (SR2LoRA.previous_model): at the first step of a task B_t = 0 adds exact zeros, so the two agree bit for
+    bit."""
 
     def __init__(self, d: int, rank: int, targets: str):
         super().__init__()
         self.d, self.rank, self.targets = d, rank, targets
         self.branches = nn.ModuleList()
-        # the frozen branches 0..frozen-1, rebuilt by stack_frozen, never stored: per target A_cat (|targets|, R, d)
-        # and B_cat (|targets|, d, R), or A_cat None and their dense delta (|targets|, d, d)
-        self.register_buffer("stack_A", None, persistent=False)
-        self.register_buffer("stack_B", None, persistent=False)
-        self.frozen = 0
-        self.current = True  # whether the forward adds the branches from `frozen` on; set by the method, not saved
+        self.current = True  # whether the forward adds branch t; a mode, not state
 
     def grow(self, device: torch.device) -> None:
         self.branches.append(QKVLoRA(self.d, self.rank, self.targets).to(device))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        # W^(t) = W + sum_{s<t} B_s A_s + B_t A_t (vit L257-267)
-        delta: dict[str, torch.Tensor] = {}
-        if self.stack_B is not None:  # the frozen branches: one low-rank product or one dense delta per target
-            for i, m in enumerate(self.targets):
-                h = x if self.stack_A is None else F.linear(x, self.stack_A[i])
-                delta[m] = F.linear(h, self.stack_B[i])
-        current = self.branches[self.frozen:] if self.current else []
-        for branch in current:  # the current branch (every branch if none is stacked)
-            for m, d_m in branch(x).items():
-                delta[m] = delta[m] + d_m if m in delta else d_m
-        return delta
-
-    @torch.no_grad()
-    def stack_frozen(self, n: int) -> None:
-        """Enter branches 0..n-1 as one product (x A_cat^T) B_cat^T per target, or as their dense sum_s B_s A_s where
-        that is cheaper per token: R (d + d) >= d d multiply-adds, R = n r (every target has its own A_s)."""
-        self.frozen = n
-        if n == 0:
-            self.stack_A = self.stack_B = None
-            return
-        A = torch.stack([torch.cat([self.branches[s].A[m] for s in range(n)]) for m in self.targets])
-        B = torch.stack([torch.cat([self.branches[s].B[m] for s in range(n)], dim=1) for m in self.targets])
-        if 2 * A.shape[1] >= self.d:
-            self.stack_A, self.stack_B = None, B @ A
-        else:
-            self.stack_A, self.stack_B = A, B
-
-    def delta_weight(self, m: str) -> torch.Tensor:
-        return sum(branch.delta_weight(m) for branch in self.branches)
+        # W^(t) x = W x + sum_{s<t} B_s A_s x + B_t A_t x (vit L257-267)
+        if not self.branches:
+            return {}
+        *frozen, now = self.branches
+        delta = {m: low_rank(x, [b.A[m] for b in frozen], [b.B[m] for b in frozen]) for m in self.targets}  # s < t
+        if self.current:
+            for m in self.targets:
+                d_t = F.linear(F.linear(x, now.A[m]), now.B[m])
+                delta[m] = d_t if delta[m] is None else delta[m] + d_t
+        return {m: d_m for m, d_m in delta.items() if d_m is not None}  # nothing at t = 0 without `current`
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -245,7 +215,7 @@ class TaskLoRA(nn.Module):
 
 class SR2LoRA(nn.Module):
     def __init__(self, vit: nn.Module, num_classes: int, cfg: Config):
-        validate(cfg)
+        validate(cfg, vit)
         super().__init__()
         self.cfg = cfg
         self.vit = vit
@@ -259,11 +229,9 @@ class SR2LoRA(nn.Module):
         # Class statistics for classifier alignment, fixed shapes so that a checkpoint loads after grow() alone.
         self.register_buffer("ca_mean", torch.zeros(num_classes, d, dtype=torch.float64))
         self.register_buffer("ca_cov", torch.zeros(num_classes, d, d))
-        self.register_load_state_dict_post_hook(lambda mod, keys: mod.stack_frozen())
 
     # -- contract --------------------------------------------------------------------------------
     def grow(self, t: int, classes: list[int]) -> None:
-        self._drop_eval_vit()
         assert t == len(self.heads) and classes[0] == self.offsets[-1], "tasks must grow in order"
         device = self.vit.cls_token.device
         self.heads.append(nn.Linear(self.vit.embed_dim, len(classes)).to(device))
@@ -275,10 +243,9 @@ class SR2LoRA(nn.Module):
                 m.requires_grad_(s == t)  # only A_t, B_t and h_t train (dlora L227-250)
                 if s < t:
                     m.zero_grad(set_to_none=True)  # no stale gradients on frozen tensors
-        self.stack_frozen()  # branches s < t are frozen
 
     def begin_task(self, t: int, classes: list[int], data) -> None:
-        self._drop_eval_vit()
+        pass
 
     def optimizer(self, steps_per_epoch: int):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -302,7 +269,6 @@ class SR2LoRA(nn.Module):
 
     @torch.no_grad()
     def end_task(self, t: int, classes: list[int], data) -> None:
-        self._drop_eval_vit()
         if self.cfg.ca != "none":  # dlora L218-221
             mean, cov = class_statistics(self.vit, data.plain, classes)
             self.ca_mean[classes] = mean
@@ -311,8 +277,13 @@ class SR2LoRA(nn.Module):
                 self.align_heads(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        vit = self.vit if self.training else self._eval_vit()  # evaluation: one forward of the folded copy
-        return self.logits(features(vit, x))
+        return self.logits(features(self.vit, x))
+
+    def merged(self) -> nn.Module:
+        """The inference model: the heads over a copy of the ViT with every branch's B_s A_s in its qkv rows."""
+        ads = self.adapters
+        return Merged(fold(self.vit, lambda i, m: sum(b.B[m] @ b.A[m] for b in ads[i].branches)
+                           if m in ads[i].targets and ads[i].branches else None), copy.deepcopy(self.heads))
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -323,56 +294,23 @@ class SR2LoRA(nn.Module):
     def logits(self, f: torch.Tensor) -> torch.Tensor:
         return torch.cat([h(f) for h in self.heads], dim=1)
 
-    def train(self, mode: bool = True):
-        self._drop_eval_vit()  # train() and eval(): the next evaluation folds the adapters as they are then
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._drop_eval_vit()  # .to(), .double(), ...: the folded copy would keep the old device and dtype
-        return super()._apply(fn, *args, **kwargs)
-
-    @torch.no_grad()
-    def merged_vit(self) -> nn.Module:
-        """A copy of the ViT with every adapter's delta folded into its qkv rows, and no adapters."""
-        vit = copy.deepcopy(self.vit, {id(ad): None for ad in self.adapters})  # copied without the adapters
-        d = vit.embed_dim
-        for blk, ad in zip(vit.blocks, self.adapters):
-            for m in ad.targets:
-                blk.attn.qkv.weight[qkv_rows(m, d)] += ad.delta_weight(m)
-        return vit
-
-    def _eval_vit(self) -> nn.Module:
-        """merged_vit(), built by the first evaluation forward and kept until the adapters can change (train(),
-        grow, begin_task, end_task, load_state_dict, merge); held outside the module tree, so it is in no
-        state_dict() and no parameters()."""
-        vit = self.__dict__.get("_eval_cache")
-        if vit is None:
-            vit = self.__dict__["_eval_cache"] = self.merged_vit()
-        return vit
-
-    def _drop_eval_vit(self) -> None:
-        self.__dict__.pop("_eval_cache", None)
-
-    def stack_frozen(self) -> None:
-        """Rebuild every adapter's stack of the frozen branches (all but the current task's); drop the folded copy."""
-        self._drop_eval_vit()
+    @contextlib.contextmanager
+    def previous_model(self):
+        """Within the block, every adapter adds the frozen branches s <= t-1 alone: the network is the previous
+        model (sinet L123-126). Left on any exit, an exception included."""
         for ad in self.adapters:
-            ad.stack_frozen(max(len(self.heads) - 1, 0))
-
-    def set_current(self, on: bool) -> None:
-        """Make every block's forward add the current branch t (on) or the stacked frozen branches alone (off)."""
-        for ad in self.adapters:
-            ad.current = on
+            ad.current = False
+        try:
+            yield
+        finally:
+            for ad in self.adapters:
+                ad.current = True
 
     @torch.no_grad()
     def previous_block_cls(self, x: torch.Tensor) -> torch.Tensor:
-        """F_{t-1}(x): the per-block CLS features of the previous model (branches s <= t-1, the stacked frozen
-        ones), without a graph."""
-        self.set_current(False)
-        try:
+        """F_{t-1}(x): the per-block CLS features of the previous model, without a graph."""
+        with self.previous_model():
             return block_cls(self.vit, x)
-        finally:
-            self.set_current(True)
 
     @torch.enable_grad()
     def align_heads(self, t: int) -> None:
@@ -405,17 +343,6 @@ class SR2LoRA(nn.Module):
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold every branch into the qkv weights and zero its B (deployment only: the previous model is lost)."""
-        d = self.vit.embed_dim
-        for blk, ad in zip(self.vit.blocks, self.adapters):
-            for branch in ad.branches:
-                for m in branch.A:
-                    blk.attn.qkv.weight[qkv_rows(m, d)] += branch.delta_weight(m)
-                    branch.B[m].zero_()
-        self.stack_frozen()
 
 
 Method = SR2LoRA
@@ -517,5 +444,5 @@ def epoch_cosine(epochs: int, steps_per_epoch: int):
     """CosineAnnealingLR(T_max = epochs) stepped per epoch, as a per-step multiplier: (1 + cos(pi e / E)) / 2."""
     def factor(step: int) -> float:
         e = step // max(steps_per_epoch, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))
+        return 0.5 * (1 + math.cos(math.pi * min(e, epochs) / max(epochs, 1)))
     return factor

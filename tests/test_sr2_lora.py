@@ -299,6 +299,11 @@ def test_previous_model_runs_without_graph_and_restores_the_active_branches(task
     assert not old.requires_grad and old.grad_fn is None
     assert all(lora.current for lora in m.adapters)
     assert block_cls(m.vit, x).requires_grad  # the current model does build a graph (branch 1 trains)
+    with pytest.raises(RuntimeError, match="inside"):
+        with m.previous_model():
+            assert not any(lora.current for lora in m.adapters)
+            raise RuntimeError("inside")
+    assert all(lora.current for lora in m.adapters)  # an exception does not leave the previous model on
 
 
 def test_relation_loss_is_zero_at_the_first_step_of_a_task(task1):
@@ -342,24 +347,8 @@ def test_after_training_the_relation_term_is_live_bounded_and_weighted(task1):
     assert all(g is not None for g in grads) and any(torch.count_nonzero(g) > 0 for g in grads)
 
 
-def test_merge_equivalence(task1):
-    m, data = task1
-    with torch.no_grad():
-        for lora in m.adapters:
-            for branch in lora.branches:
-                for b in branch.B.values():
-                    b.normal_(std=0.1)
-    m.stack_frozen()  # branch 0 changed in place
-    x, _ = next(iter(data.plain))
-    merged = copy.deepcopy(m)
-    merged.merge()
-    with torch.no_grad():
-        assert torch.allclose(merged(x), m(x), rtol=1e-5, atol=1e-5)
-        assert all(torch.count_nonzero(b) == 0 for lo in merged.adapters for br in lo.branches for b in br.B.values())
-
-
 # ----------------------------------------------------------------------------------------------------
-# Constant cost: evaluation through the folded copy, the frozen branches as one stacked product
+# merged(): the inference model; the frozen branches as one product
 
 
 def three_tasks(rank=10, steps=2, end=True, **kw):
@@ -374,70 +363,85 @@ def three_tasks(rank=10, steps=2, end=True, **kw):
 def loop_forward(self, x):
     """The reference TaskLoRA forward: every branch on its own, in order (the last one only while `current`)."""
     out = {}
-    for branch in self.branches if self.current else self.branches[: self.frozen]:
-        for m, delta in branch(x).items():
+    for branch in self.branches if self.current else self.branches[:-1]:
+        for m in branch.A:
+            delta = F.linear(F.linear(x, branch.A[m]), branch.B[m])
             out[m] = out[m] + delta if m in out else delta
     return out
 
 
-def test_evaluation_runs_a_cached_folded_copy_equal_to_the_adapted_forward():
-    m = three_tasks()
-    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        adapted = m(x)  # training mode: every branch through the adapters
-        bare = copy.deepcopy(m.vit)
-        for blk in bare.blocks:
-            blk.attn.qkv_adapter = None
-        assert (m.logits(features(bare, x)) - adapted).abs().max() > 1e-3  # the branches do matter
-    before, n_params = snapshot(m), len(list(m.parameters()))
-    m.eval()
-    folded_logits = m(x)
-    folded = m.__dict__["_eval_cache"]
-    assert all(blk.attn.qkv_adapter is None for blk in folded.blocks)
-    assert torch.allclose(folded_logits, adapted, rtol=0, atol=1e-5)
-    assert torch.equal(m(x), folded_logits) and m.__dict__["_eval_cache"] is folded  # reused, not rebuilt
-    after = snapshot(m)  # evaluation leaves the training state bit-identical, and adds nothing to it
-    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert len(list(m.parameters())) == n_params and not any("_eval_cache" in k for k in after)
-    m.train()
-    assert "_eval_cache" not in m.__dict__
-    # the load_state_dict post hook, begin_task, end_task and grow drop the copy
-    data = synthetic_task([6, 7, 8], n_per_class=4, batch_size=8, seed=2)
-    for drop in (lambda: m.load_state_dict(m.state_dict()), lambda: m.begin_task(2, [6, 7, 8], data),
-                 lambda: m.end_task(2, [6, 7, 8], data), lambda: m.grow(3, [9, 10, 11])):
-        m.eval()
-        m(x)
-        assert "_eval_cache" in m.__dict__
-        drop()
-        assert "_eval_cache" not in m.__dict__
-
-
-def test_load_state_dict_restacks_the_frozen_branches():
-    m = three_tasks()  # at task 2: branches 0 and 1 stacked (rank 10: R = 20 >= d / 2, one dense delta)
-    state = m.state_dict()
-    assert not any("stack_" in k for k in state)  # the stacked operands are never stored
-    key = "vit.blocks.0.attn.qkv_adapter.branches.0.B.k"
-    state[key] = 2 * state[key]
-    m.load_state_dict(state)
-    ad = m.adapters[0]
-    A = torch.cat([ad.branches[s].A["k"] for s in range(2)])
-    B = torch.cat([ad.branches[s].B["k"] for s in range(2)], dim=1)
-    assert ad.frozen == 2 and ad.stack_A is None and torch.allclose(ad.stack_B[0], B @ A, rtol=0, atol=1e-6)
-    assert torch.equal(ad.branches[0].B["k"], state[key])
-
-
-@pytest.mark.parametrize("rank, dense", [(4, False), (10, True)])  # frozen R = 8: low-rank; R = 20: folded
-def test_stacked_frozen_branches_equal_the_per_branch_loop(rank, dense, monkeypatch):
-    """At task 2 the training forward (frozen branches 0, 1 stacked, branch 2 on its own) gives the loop's
-    loss and gradients, and the previous model (branches 0, 1) the loop's features (float64)."""
-    m = three_tasks(rank, steps=1, end=False, ca="none")
-    m.double()
+def randomise_b(m, std=0.1):
+    """Every branch's B drawn at random, so that every branch matters (B = 0 would hide a missing one)."""
     with torch.no_grad():
         for lo in m.adapters:
             for branch in lo.branches:
                 for b in branch.B.values():
-                    b.normal_(std=0.1)
-    m.stack_frozen()  # the frozen branches changed in place
+                    b.normal_(std=std)
+
+
+def test_merged_is_a_plain_vit_with_the_forwards_logits():
+    m = three_tasks()
+    randomise_b(m)
+    m.eval()
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    before, params = snapshot(m), {id(p) for p in m.parameters()} | {id(b) for b in m.buffers()}
+    merged = m.merged()
+    assert snapshot(m).keys() == before.keys() and all(torch.equal(v, snapshot(m)[k]) for k, v in before.items())
+    assert not any(id(t) in params for t in [*merged.parameters(), *merged.buffers()])  # nothing shared
+    assert not any(isinstance(mod, M.TaskLoRA) for mod in merged.modules())
+    assert all(blk.attn.qkv_adapter is None for blk in merged.vit.blocks)
+    with torch.no_grad():
+        z = m(x)
+        assert torch.allclose(merged(x), z, rtol=0, atol=1e-5)
+        bare = copy.deepcopy(m.vit)
+        for blk in bare.blocks:
+            blk.attn.qkv_adapter = None
+        assert (m.logits(features(bare, x)) - z).abs().max() > 1e-3  # every branch matters
+        for drop in range(3):  # and each one: zeroing branch `drop` moves the folded logits
+            lesser = copy.deepcopy(m)
+            for lo in lesser.adapters:
+                for b in lo.branches[drop].B.values():
+                    b.zero_()
+            assert (lesser.merged()(x) - z).abs().max() > 1e-4
+
+
+def test_double_after_an_evaluation():
+    m = three_tasks()
+    randomise_b(m)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    m.eval()
+    with torch.no_grad():
+        z = m(x)
+        m.merged()(x)
+        m.double()
+        z64 = m(x.double())
+        assert z64.dtype == torch.float64 and torch.allclose(z64, z.double(), rtol=0, atol=1e-5)
+        assert torch.allclose(m.merged()(x.double()), z64, rtol=0, atol=1e-10)
+
+
+def test_load_state_dict_changes_the_frozen_branches_the_forward_uses(monkeypatch):
+    m = three_tasks()  # at task 2: branches 0 and 1 frozen
+    randomise_b(m)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    old = m.previous_block_cls(x)
+    state = m.state_dict()
+    key = "vit.blocks.0.attn.qkv_adapter.branches.0.B.k"
+    state[key] = 2 * state[key]
+    m.load_state_dict(state)
+    assert torch.equal(m.adapters[0].branches[0].B["k"], state[key])
+    new = m.previous_block_cls(x)
+    assert (new - old).abs().max() > 1e-4  # the previous model sees the loaded branch
+    monkeypatch.setattr(M.TaskLoRA, "forward", loop_forward)
+    assert torch.allclose(new, m.previous_block_cls(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [4, 10])  # frozen R = 8 < d / 2: low-rank product; R = 20: dense (low_rank)
+def test_stacked_frozen_branches_equal_the_per_branch_loop(rank, monkeypatch):
+    """At task 2 the training forward (frozen branches 0, 1 as one product, branch 2 on its own) gives the loop's
+    loss and gradients, and the previous model (branches 0, 1) the loop's features (float64)."""
+    m = three_tasks(rank, steps=1, end=False, ca="none")
+    m.double()
+    randomise_b(m)
     x = torch.rand(6, 3, 16, 16, dtype=D64, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([6, 7, 8, 6, 7, 8])
     trainable = [p for p in m.parameters() if p.requires_grad]
@@ -449,9 +453,6 @@ def test_stacked_frozen_branches_equal_the_per_branch_loop(rank, dense, monkeypa
         return loss.detach(), [p.grad.clone() for p in trainable], m.previous_block_cls(x)
 
     loss, grads, old = run()
-    shapes = [(2, 32, 32)] if dense else [(2, 2 * rank, 32), (2, 32, 2 * rank)]  # targets k, v
-    for ad in m.adapters:
-        assert ad.frozen == 2 and [t.shape for t in (ad.stack_A, ad.stack_B) if t is not None] == shapes
     monkeypatch.setattr(M.TaskLoRA, "forward", loop_forward)
     ref_loss, ref_grads, ref_old = run()
     with torch.no_grad():
@@ -550,12 +551,11 @@ def test_class_statistics_are_per_class_mean_and_covariance(task1):
     feats, ys = [], []
     with torch.no_grad():
         # task 0's statistics were taken with branch 0 only
-        m.set_current(False)  # branch 0 is the only frozen one at task 1
-        data0 = synthetic_task(TASKS[0], n_per_class=4, batch_size=8, seed=0)
-        for x, y in data0.plain:
-            feats.append(features(m.vit, x).double())
-            ys.append(y)
-        m.set_current(True)
+        with m.previous_model():  # branch 0 is the only frozen one at task 1
+            data0 = synthetic_task(TASKS[0], n_per_class=4, batch_size=8, seed=0)
+            for x, y in data0.plain:
+                feats.append(features(m.vit, x).double())
+                ys.append(y)
     f, y = torch.cat(feats), torch.cat(ys)
     for c in TASKS[0]:
         assert torch.allclose(m.ca_mean[c], f[y == c].mean(0), atol=1e-6)

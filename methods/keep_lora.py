@@ -1,12 +1,11 @@
 """KeepLoRA: a frozen, gradient-initialised LoRA down-projection in the residual of a protected subspace.
 
 Paper: Luo, Zhou, Zhang, Wan, Wei, Zhang, "KeepLoRA: Continual Learning with Residual Gradient Adaptation",
-ICLR 2026, arXiv 2601.19659.
-Official code: MaolinLuo/KeepLoRA @ a17f9c2 (CLIP multi-domain task-incremental learning in MTIL/, LLaVA in
-MCITlib/). There is no official ViT class-incremental code: the head, the loss of the gradient estimate and the
-evaluation are a transplant (see Deviations). The paper's full text was not available when this file was
-written, so its equation numbers are not cited: every formula below cites the official file and line at
-a17f9c2 (paths under MTIL/; "Prop. 3.1" is the paper's label as quoted by third-party notes).
+ICLR 2026, arXiv 2601.19659. Official code: MaolinLuo/KeepLoRA @ a17f9c2 (CLIP multi-domain task-incremental
+learning in MTIL/, LLaVA in MCITlib/). There is no official ViT class-incremental code: the head, the loss of the
+gradient estimate and the evaluation are a transplant (see Deviations). The paper's full text was not available
+when this file was written, so its equation numbers are not cited: every formula below cites the official file
+and line at a17f9c2 (paths under MTIL/; "Prop. 3.1" is the paper's label as quoted by third-party notes).
 
 Implements, for every adapted matrix W (d_out x d_in): the q, k, v row blocks of the fused qkv and o = attn.proj,
 in every block. A (r x d_in) is the frozen down-projection, B (d_out x r) the trained up-projection,
@@ -33,19 +32,20 @@ stores the transposes, lora_A = A^T and lora_B = B^T, and writes y = x lora_A lo
         classes                                   model/classifiers.py L33-41; trainer/trainer.py L346-349
 Prop. 3.1: with A frozen, delta W = s (delta B) A has its rows in the row space of A, which is orthogonal to
 span(Q), so inputs in span(Q) keep their outputs exactly, whatever the optimiser does to B; one SGD step with
-rate eta moves W by -eta s^2 G A^T A, a projected gradient step. No gradient projection is needed.
+rate eta moves W by -eta s^2 G A^T A, a projected gradient step. No gradient projection is needed (in code: Site
+holds A as a buffer, B as the only trained tensor).
 
-Per task t:
-    1. A, B <- 0 and the adapters off                                  model/keeplora_helper.py L16-30
-    2. (t = 0) Q <- W_p, (b)
-    3. head_t <- the normalised class means of the current backbone   model/customClip.py L103-150
-    4. G, (c), with the task-local CE through head_t
-    5. A, B_0 per matrix, (d)
-    6. the shift (e); the adapters on
-    7. train B and head_t: AdamW, OneCycleLR stepped per batch          trainer/trainer.py L260-305, L336-355
-    8. merge, (f)
-    9. collect the merged model's features over the task's data and grow Q, (g)
-begin_task does steps 1-6, loss step 7, end_task steps 8-9.
+Per task t (begin_task: steps 1-6, loss: 7, end_task: 8-9). Where the equations live: the code after each step.
+    1. A, B <- 0 and the adapters off: Site.reset                       model/keeplora_helper.py L16-30
+    2. (t = 0) Q <- W_p, (b): weight_basis, first_basis_size
+    3. head_t <- the normalised class means of the current backbone: class_means    model/customClip.py L103-150
+    4. G, (c), with the task-local CE through head_t: estimate_gradient, task_batches
+    5. A, B_0 per matrix, (c)-(d): residual_lora_init
+    6. the shift (e); the adapters on: init_from_gradient
+    7. train B and head_t: (a) Site.forward, (h) CosineHead and loss; AdamW, OneCycleLR stepped per batch
+       (optimizer)                                                      trainer/trainer.py L260-305, L336-355
+    8. merge, (f): merge (merged() folds the same s B A into a copy for evaluation)
+    9. grow Q from the merged model's features over the task's data, (g): grow_bases, FeatureStats, grow_basis
 
 Defaults (the MTIL vision values, configs/keeplora_order1.yaml @ a17f9c2): targets q, k, v, o of every block
 (L20); r = 16 (L22), alpha = 1 (model/peft_vit.py L69; s = 1/16); eps_w = 0.85 (L26); eps_f = 0.99 (L24);
@@ -68,26 +68,22 @@ Deviations:
   d_in - k (the official code truncates to d_in columns, model/prin_subspace.py L55-59) nor the number of
   non-negligible residual eigenvalues (> 1e-12 of the largest), so no direction of span(Q) is ever appended.
   The eigendecomposition of P C P gives the same U_hat and s_hat^2 as the official SVD of P R.
-- All three passes over the task's data (prototypes, gradient, features) read data.plain (training images, test
-  transforms, fixed order); the official code feeds one shuffled, drop_last loader (trainer/framework4MTIL.py
-  L120) to the gradient pass, the head's class means and the feature pass (trainer/trainer.py L315, L323;
-  trainer/framework4MTIL.py L136). The mean gradient and the covariance do not depend on the order; for the
-  gradient and 'official_mean' a short last batch is skipped (drop_last), unless it is the only batch.
+- The three passes over the task's data (prototypes, gradient, features) read data.plain (training images, test
+  transforms, fixed order); MTIL feeds one shuffled, drop_last loader to all three (trainer/framework4MTIL.py
+  L120, L136; trainer/trainer.py L315, L323). The mean gradient and the covariance do not depend on the order;
+  for the gradient and 'official_mean' a short last batch is skipped (drop_last), unless it is the only batch.
 - 'official_mean' averages the batch-slot-aligned columns of data.plain's fixed-order batches, not of shuffled
   ones; it is MTIL's quirk either way (a per-position mean of the tokens, not a covariance) and not the default.
-- grad_fraction < 1 takes evenly spaced batches (LLaVA takes evenly spaced samples,
-  MCITlib/KeepLoRA/llava/train/extract_gradients.py L57-58).
+- grad_fraction < 1 takes evenly spaced batches (LLaVA: evenly spaced samples, MCITlib/KeepLoRA/llava/train/
+  extract_gradients.py L57-58).
 - The head: MTIL estimates the gradient through CLIP's zero-shot text head and adds the KeepLoRA+ head after the
   LoRA init (trainer/trainer.py L315-323). A ViT has no text head, so head_t is initialised from the class means
   before the gradient estimate (a random head would give a meaningless gradient). Task-local CE and the
   concatenated heads at inference are the class-incremental transplant.
-- Evaluation runs a folded copy (`merged_vit()`, built once per evaluation by `_eval_vit`): a copy of the ViT
-  without adapters, with the current s B A written into its weights as (f) does if the adapters are on
-  (an evaluation inside a task); between tasks they are merged and off, so the copy is the plain merged
-  backbone. The official forward always runs the adapters, zero after the merge
-  (model/peft_vit.py L211-219, L230-236; model/peft_modules.py L67-71). The same logits up to float rounding.
-- Classifier alignment (SLCA's Gaussian replay, an optional ablation elsewhere, not part of KeepLoRA) is not
-  implemented.
+- train.py evaluates `merged()`: a copy of the ViT without adapters, the active s B A written into its weights as
+  (f) does (between tasks: the plain merged backbone). The official forward, like `forward` here, always runs the
+  adapters, zero after the merge (model/peft_vit.py L211-219, L230-236; model/peft_modules.py L67-71).
+- No classifier alignment (SLCA's Gaussian replay, an optional ablation elsewhere, is not part of KeepLoRA).
 - Another snapshot of the official repository (7abf7ec) zeroes B after the SVD, so its shift is a no-op there
   (B_0 = 0, as in the LLaVA code); b0_init = 'zero' gives that variant.
 
@@ -103,7 +99,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import attach, features, qkv_rows
+from backbone import Merged, attach, check_options, features, fold, qkv_rows
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -149,23 +145,16 @@ CHOICES = {"feature_mode": ("covariance", "official_mean"), "weight_basis_side":
 
 
 def validate(cfg: Config, vit: nn.Module | None = None) -> None:
-    """Raise ValueError for a Config that cannot run; with `vit`, also check the bounds its shape sets."""
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
-                             f"(got {getattr(cfg, name)!r})")
-    if not cfg.targets or not set(cfg.targets) <= set("qkvo") or len(set(cfg.targets)) != len(cfg.targets):
-        raise ValueError(f"--targets must be distinct letters of q, k, v, o (got {cfg.targets!r})")
-    for name, ok, rule in (("rank", cfg.rank >= 1, ">= 1"), ("alpha", cfg.alpha > 0, "> 0"),
-                           ("eps_w", 0 <= cfg.eps_w <= 1, "in [0, 1]"), ("eps_f", 0 < cfg.eps_f <= 1, "in (0, 1]"),
-                           ("grad_fraction", 0 < cfg.grad_fraction <= 1, "in (0, 1]"),
-                           ("head_scale", cfg.head_scale > 0, "> 0"), ("lr", cfg.lr > 0, "> 0"),
-                           ("weight_decay", cfg.weight_decay >= 0, ">= 0"), ("epochs", cfg.epochs >= 0, ">= 0"),
-                           ("batch_size", cfg.batch_size >= 1, ">= 1")):
-        if not ok:
-            raise ValueError(f"--{name.replace('_', '-')} must be {rule} (got {getattr(cfg, name)})")
-    if vit is not None and cfg.rank > vit.embed_dim:
-        raise ValueError(f"--rank must be <= {vit.embed_dim}, the width (got {cfg.rank})")
+    """Raise ValueError for the first option of `cfg` that cannot run (with `vit`: also the bounds its shape sets)."""
+    check_options(cfg, CHOICES, [
+        ("targets", len(cfg.targets) == len(set(cfg.targets)) >= 1 and set(cfg.targets) <= set("qkvo"),
+         "distinct letters of q, k, v, o"),
+        ("rank", cfg.rank >= 1, ">= 1"), ("alpha", cfg.alpha > 0, "> 0"),
+        ("eps_w", 0 <= cfg.eps_w <= 1, "in [0, 1]"), ("eps_f", 0 < cfg.eps_f <= 1, "in (0, 1]"),
+        ("grad_fraction", 0 < cfg.grad_fraction <= 1, "in (0, 1]"), ("head_scale", cfg.head_scale > 0, "> 0"),
+        ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("epochs", cfg.epochs >= 0, ">= 0"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("rank", vit is None or cfg.rank <= vit.embed_dim, f"<= {getattr(vit, 'embed_dim', None)}, the width")])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,6 +177,10 @@ class Site(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * F.linear(F.linear(x, self.A), self.B)  # (a)
 
+    def delta(self) -> torch.Tensor:
+        """s B A in float64, what (f) adds to W."""
+        return self.scale * self.B.double() @ self.A.double()
+
     def basis(self) -> torch.Tensor:
         """The protected basis, (d_in, k), orthonormal columns."""
         return self.Q[:, : int(self.k)]
@@ -206,8 +199,9 @@ class Site(nn.Module):
 
 
 class Adapter(nn.Module):
-    """The sites reading one input x. While `stats` is set (end_task), every x passing through is added to it;
-    while `active` is False (between tasks, after the merge), the adapter adds nothing."""
+    """The sites reading one input x: q, k, v as `qkv_adapter` (x = norm1(h), the deltas of qkv's slices by name) or
+    o as `out_adapter` (x = proj's input, the delta of its output). While `stats` is set (end_task), every x is
+    added to it; while `active` is False (between tasks, after the merge), the adapter adds nothing."""
 
     def __init__(self, d: int, rank: int, scale: float, names: str):
         super().__init__()
@@ -215,32 +209,17 @@ class Adapter(nn.Module):
         self.stats: FeatureStats | None = None
         self.active = False
 
-    def record(self, x: torch.Tensor) -> None:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
         if self.stats is not None:
             self.stats.add(x)
-
-
-class QKVAdapter(Adapter):
-    """q, k, v (`qkv_adapter`): called on norm1(h), returns the deltas of the fused qkv's slices by name."""
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.record(x)
+        if "o" in self.sites:
+            return self.sites["o"](x) if self.active else torch.zeros_like(x)
         return {m: site(x) for m, site in self.sites.items()} if self.active else {}
 
 
-class OutAdapter(Adapter):
-    """o (`out_adapter`): called on the input of attn.proj, returns the delta of proj's output."""
-
-    def __init__(self, d: int, rank: int, scale: float):
-        super().__init__(d, rank, scale, "o")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.record(x)
-        return self.sites["o"](x) if self.active else torch.zeros_like(x)
-
-
 class CosineHead(nn.Module):
-    """logits = tau cos(f, w_c) over the classes of one task; tau a number (fixed) or an nn.Parameter (learned)."""
+    """logits = tau cos(f, w_c) over the classes of one task; tau a number (fixed) or an nn.Parameter (learned).
+    Computed in the head's own precision, also under autocast."""
 
     def __init__(self, d: int, n: int, tau: float | nn.Parameter):
         super().__init__()
@@ -248,7 +227,9 @@ class CosineHead(nn.Module):
         self.weight = nn.Parameter(torch.zeros(n, d))  # written by the method before training
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.tau * F.linear(F.normalize(f, dim=-1), F.normalize(self.weight, dim=-1))
+        with torch.autocast(f.device.type, enabled=False):
+            w = self.weight
+            return self.tau * F.linear(F.normalize(f.to(w.dtype), dim=-1), F.normalize(w, dim=-1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,16 +247,14 @@ class KeepLoRA(nn.Module):
         d, r, s = vit.embed_dim, cfg.rank, cfg.alpha / cfg.rank
         qkv = "".join(m for m in "qkv" if m in cfg.targets)
         if qkv:
-            attach(vit, "qkv_adapter", lambda i, attn: QKVAdapter(d, r, s, qkv))
+            attach(vit, "qkv_adapter", lambda i, attn: Adapter(d, r, s, qkv))
         if "o" in cfg.targets:
-            attach(vit, "out_adapter", lambda i, attn: OutAdapter(d, r, s))
+            attach(vit, "out_adapter", lambda i, attn: Adapter(d, r, s, "o"))
         self.heads = nn.ModuleList()
         self.offsets: list[int] = [0]  # K_t for every grown task, then C_t
-        self.register_load_state_dict_post_hook(lambda mod, keys: mod._drop_eval_vit())
 
     # -- contract --------------------------------------------------------------------------------
     def grow(self, t: int, classes: list[int]) -> None:
-        self._drop_eval_vit()
         assert t == len(self.heads) and classes[0] == self.offsets[-1], "tasks must grow in order"
         head = CosineHead(self.vit.embed_dim, len(classes), self.cfg.head_scale)
         self.heads.append(head.to(self.vit.cls_token.device))
@@ -284,22 +263,22 @@ class KeepLoRA(nn.Module):
             h.requires_grad_(i == t)  # old heads frozen
 
     def begin_task(self, t: int, classes: list[int], data) -> None:
-        self._drop_eval_vit()
+        c = self.cfg
         with torch.no_grad(), torch.autocast(self.vit.cls_token.device.type, enabled=False):
             for _, _, site in self.sites():
                 site.reset()  # step 1: A, B <- 0 (they already are after a merge)
             for a in self.adapters():
                 a.active = False  # the prototypes and the gradient see the plain (merged) backbone
-            if t == 0:
-                self.init_weight_bases()  # step 2
+            if t == 0:  # step 2: Q <- W_p(eps_w), (b)
+                for attn, m, site in self.sites():
+                    W, rows = target(attn, m)
+                    site.set_basis(weight_basis(W[rows].double(), c.eps_w, c.weight_basis_side, c.threshold_rule))
             # step 3: the head starts at the normalised class means, before the gradient is estimated
             self.heads[t].weight.copy_(F.normalize(class_means(self.vit, data.plain, classes), dim=1))
-        grads = self.estimate_gradient(data.plain)  # step 4, adapters off
-        self.init_from_gradient(grads)  # steps 5-6
-        ks = [int(site.k) for _, _, site in self.sites()]
-        ranks = [site.rank_used for _, _, site in self.sites()]
+        self.init_from_gradient(self.estimate_gradient(data.plain))  # step 4 (adapters off), steps 5-6
+        ks, ranks = [int(site.k) for _, _, site in self.sites()], [site.rank_used for _, _, site in self.sites()]
         print(f"keep_lora task {t}: protected dims {min(ks)}-{max(ks)} of {self.vit.embed_dim} "
-              f"(mean {sum(ks) / len(ks):.1f}), LoRA rank {min(ranks)}-{max(ranks)} of {self.cfg.rank}")
+              f"(mean {sum(ks) / len(ks):.1f}), LoRA rank {min(ranks)}-{max(ranks)} of {c.rank}")
 
     def optimizer(self, steps_per_epoch: int):
         params = [p for p in self.parameters() if p.requires_grad]  # every B and head t
@@ -309,12 +288,10 @@ class KeepLoRA(nn.Module):
         return opt, sched
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        K_t = self.offsets[-2]
-        return F.cross_entropy(self.head_logits(self.heads[-1], features(self.vit, x)), y - K_t)  # step 7, (h)
+        return F.cross_entropy(self.heads[-1](features(self.vit, x)), y - self.offsets[-2])  # step 7, (h)
 
     @torch.no_grad()
     def end_task(self, t: int, classes: list[int], data) -> None:
-        self._drop_eval_vit()
         self.merge()  # step 8
         self.heads[t].requires_grad_(False)
         self.grow_bases(data.plain)  # step 9, with the merged model
@@ -323,44 +300,19 @@ class KeepLoRA(nn.Module):
               f"(mean {sum(ks) / len(ks):.1f})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        vit = self.vit if self.training else self._eval_vit()  # evaluation: one forward of the folded copy
-        f = features(vit, x)
-        return torch.cat([self.head_logits(h, f) for h in self.heads], dim=1)
+        f = features(self.vit, x)
+        return torch.cat([h(f) for h in self.heads], dim=1)  # (h), over the heads of all seen tasks
+
+    def merged(self) -> nn.Module:
+        """The inference model: the heads over a copy of the ViT with the active adapters' s B A folded into its
+        weights as merge() does, (f), and no adapters (between tasks: the plain merged backbone)."""
+        def delta(i: int, m: str) -> torch.Tensor | None:
+            attn = self.vit.blocks[i].attn
+            a = attn.out_adapter if m == "o" else attn.qkv_adapter
+            return a.sites[m].delta() if a is not None and a.active and m in a.sites else None
+        return Merged(fold(self.vit, delta), copy.deepcopy(self.heads))
 
     # -- helpers ---------------------------------------------------------------------------------
-    def train(self, mode: bool = True):
-        self._drop_eval_vit()  # train() and eval(): the next evaluation folds the adapters as they are then
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._drop_eval_vit()  # .to(), .double(), ...: the folded copy would keep the old device and dtype
-        return super()._apply(fn, *args, **kwargs)
-
-    @torch.no_grad()
-    def merged_vit(self) -> nn.Module:
-        """A copy of the ViT with the active adapters' s B A folded into its weights as merge() does, (f), and
-        no adapters (between tasks they are off and add nothing: the copy is the plain merged backbone)."""
-        vit = copy.deepcopy(self.vit, {id(a): None for a in self.adapters()})  # copied without the adapters
-        for blk, own in zip(vit.blocks, self.vit.blocks):
-            for a in (own.attn.qkv_adapter, own.attn.out_adapter):
-                if a is not None and a.active:
-                    for m, site in a.sites.items():
-                        W, rows = target(blk.attn, m)
-                        W[rows] += (site.scale * site.B.double() @ site.A.double()).to(W.dtype)
-        return vit
-
-    def _eval_vit(self) -> nn.Module:
-        """merged_vit(), built by the first evaluation forward and kept until the adapters can change (train(),
-        grow, begin_task, end_task, load_state_dict, merge); held outside the module tree, so it is in no
-        state_dict() and no parameters()."""
-        vit = self.__dict__.get("_eval_cache")
-        if vit is None:
-            vit = self.__dict__["_eval_cache"] = self.merged_vit()
-        return vit
-
-    def _drop_eval_vit(self) -> None:
-        self.__dict__.pop("_eval_cache", None)
-
     def adapters(self) -> list[Adapter]:
         return [a for blk in self.vit.blocks for a in (blk.attn.qkv_adapter, blk.attn.out_adapter) if a is not None]
 
@@ -370,33 +322,17 @@ class KeepLoRA(nn.Module):
                 for a in (blk.attn.qkv_adapter, blk.attn.out_adapter) if a is not None
                 for m, site in a.sites.items()]
 
-    @staticmethod
-    def head_logits(head: nn.Module, f: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(f.device.type, enabled=False):  # the head in float32
-            return head(f.float())
-
-    @torch.no_grad()
-    def init_weight_bases(self) -> None:
-        """Q <- W_p(eps_w) for every matrix, (b)."""
-        c = self.cfg
-        for attn, m, site in self.sites():
-            W, rows = target(attn, m)
-            site.set_basis(weight_basis(W[rows].double(), c.eps_w, c.weight_basis_side, c.threshold_rule))
-
     def estimate_gradient(self, loader) -> dict[torch.Tensor, torch.Tensor]:
         """Mean over the task's batches of dL/dW for every adapted weight tensor (float64), adapters off, (c)."""
         device, K_t = self.vit.cls_token.device, self.offsets[-2]
-        weights = [attn.qkv.weight if m in "qkv" else attn.proj.weight for attn, m, _ in self.sites()]
-        weights = list({id(w): w for w in weights}.values())
-        sums = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
-        n = 0
+        weights = list({id(w): w for w in (target(attn, m)[0] for attn, m, _ in self.sites())}.values())
+        sums, n = [torch.zeros_like(w, dtype=torch.float64) for w in weights], 0
         for w in weights:
             w.requires_grad_(True)
         try:
             with torch.enable_grad(), torch.autocast(device.type, enabled=False):
                 for x, y in task_batches(loader, self.cfg.grad_fraction, drop_last=True):
-                    logits = self.head_logits(self.heads[-1], features(self.vit, x.to(device)))
-                    loss = F.cross_entropy(logits, y.to(device) - K_t)
+                    loss = F.cross_entropy(self.heads[-1](features(self.vit, x.to(device))), y.to(device) - K_t)
                     for s, g in zip(sums, torch.autograd.grad(loss, weights)):
                         s += g.double()
                     n += 1
@@ -423,11 +359,10 @@ class KeepLoRA(nn.Module):
         """W <- W + s B A, then A, B <- 0 and the adapters off: the function is unchanged, (f)."""
         for attn, m, site in self.sites():
             W, rows = target(attn, m)
-            W[rows] += (site.scale * site.B.double() @ site.A.double()).to(W.dtype)
+            W[rows] += site.delta().to(W.dtype)
             site.reset()
         for a in self.adapters():
             a.active = False
-        self._drop_eval_vit()
 
     @torch.no_grad()
     def grow_bases(self, loader) -> None:
@@ -470,11 +405,9 @@ def first_basis_size(share: torch.Tensor, eps: float, rule: str) -> int:
 
 
 def weight_basis(W: torch.Tensor, eps: float, side: str = "input", rule: str = "official") -> torch.Tensor:
-    """W_p, (b): leading singular vectors of W (d_out x d_in) holding the energy share eps.
-
-    side 'input': right singular vectors (columns in R^{d_in}); 'output': left ones (MTIL; square W only).
-    eps <= 1e-8 gives an empty basis (model/prin_subspace.py L16).
-    """
+    """W_p, (b): the leading singular vectors of W (d_out x d_in) holding the energy share eps: right ones (in
+    R^{d_in}) for side 'input', left ones for 'output' (MTIL; square W only); none if eps <= 1e-8
+    (model/prin_subspace.py L16)."""
     d_out, d_in = W.shape
     if eps <= 1e-8:
         return W.new_zeros(d_in, 0)
@@ -486,13 +419,10 @@ def weight_basis(W: torch.Tensor, eps: float, side: str = "input", rule: str = "
 
 
 def residual_lora_init(G: torch.Tensor, Q: torch.Tensor, rank: int, tol: float = 1e-8):
-    """A (rank x d_in), B_0 (d_out x rank) from G_hat = G (I - Q Q^T), (c)-(d); returns (A, B_0, r_used).
-
-    G is the weight's gradient (d_out x d_in, PyTorch's layout; the official code works on its transpose) and Q
-    the protected basis (d_in x k). Only the first r_used = min(rank, d_in - k, numerical rank of G_hat) rows of
-    A are non-zero; r_used = 0 if G_hat holds no more than `tol` of G's energy. A's rows are orthonormal and
-    orthogonal to span(Q), and B_0 A is a best rank-r_used approximation of G_hat.
-    """
+    """(A (rank x d_in), B_0 (d_out x rank), r_used) from G_hat = G (I - Q Q^T), (c)-(d), for G the weight's gradient
+    (d_out x d_in; the official code works on its transpose) and Q (d_in x k). Only A's first r_used = min(rank,
+    d_in - k, numerical rank of G_hat) rows are non-zero, none if G_hat holds <= `tol` of G's energy; they are
+    orthonormal and orthogonal to span(Q), and B_0 A is a best rank-r_used approximation of G_hat."""
     d_out, d_in = G.shape
     A, B0 = G.new_zeros(rank, d_in), G.new_zeros(d_out, rank)
     G_hat = G - (G @ Q) @ Q.T  # (c)
@@ -510,11 +440,9 @@ def residual_lora_init(G: torch.Tensor, Q: torch.Tensor, rank: int, tol: float =
 
 
 def grow_basis(Q: torch.Tensor, C: torch.Tensor, eps: float, rule: str = "official") -> torch.Tensor:
-    """The basis growth, (g): Q (d x k, orthonormal) and C = R R^T (d x d) -> [Q, U_hat[:, :m]].
-
-    k > 0: the smallest m with c_0 + sum_{i<=m} s_hat_i^2 / E >= eps (model/prin_subspace.py L31-59).
-    k = 0 (no W_p): the first basis, sized by `rule` as W_p is (model/prin_subspace.py L20-29).
-    """
+    """The basis growth, (g): Q (d x k, orthonormal) and C = R R^T (d x d) -> [Q, U_hat[:, :m]]; k > 0: the smallest
+    m with c_0 + sum_{i<=m} s_hat_i^2 / E >= eps (model/prin_subspace.py L31-59); k = 0 (no W_p): the first
+    basis, sized by `rule` as W_p is (model/prin_subspace.py L20-29)."""
     d, k = Q.shape
     E = torch.trace(C)
     if E <= 0 or k >= d:
@@ -542,33 +470,24 @@ def grow_basis(Q: torch.Tensor, C: torch.Tensor, eps: float, rule: str = "offici
 
 
 class FeatureStats:
-    """The feature matrix of one input site over a task, kept as C = R R^T (d x d, float64).
-
-    'covariance': C = sum over every token x of x x^T.
-    'official_mean': R = mean_b X_b^T / N_b, X_b the (N_b x d) token rows of batch b (MTIL's running average of
-    X_b^T, model/peft_modules.py L58-65); batches whose row count differs from the first are skipped (drop_last).
-    """
+    """The feature matrix C (d x d, float64) of one input site over a task: 'covariance' C = sum over every token x
+    of x x^T; 'official_mean' C = R R^T, R = mean_b X_b^T / N_b, X_b the (N_b x d) token rows of batch b (MTIL's
+    running average of X_b^T, model/peft_modules.py L58-65), batches of another row count than the first skipped."""
 
     def __init__(self, mode: str):
-        self.mode = mode
-        self.total: torch.Tensor | None = None
-        self.batches = 0
+        self.mode, self.total, self.batches = mode, None, 0
 
     def add(self, x: torch.Tensor) -> None:
         X = x.detach().reshape(-1, x.shape[-1]).double()
         if self.mode == "covariance":
             self.total = X.T @ X if self.total is None else self.total + X.T @ X
-        elif self.total is None:
-            self.total, self.batches = X.T.clone(), 1
-        elif X.shape[0] == self.total.shape[1]:
-            self.total += X.T
+        elif self.total is None or X.shape[0] == self.total.shape[1]:
+            self.total = X.T.clone() if self.total is None else self.total + X.T
             self.batches += 1
 
     def matrix(self) -> torch.Tensor:
         """C ('covariance') or R ('official_mean')."""
-        if self.mode == "covariance":
-            return self.total
-        return self.total / (self.batches * self.total.shape[1])
+        return self.total if self.mode == "covariance" else self.total / (self.batches * self.total.shape[1])
 
     def gram(self) -> torch.Tensor:
         M = self.matrix()

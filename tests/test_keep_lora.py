@@ -548,42 +548,67 @@ def test_two_tasks_bases_and_forgetting_bound(mode, eps_f, seed):
     assert prev.shape == (4, 6)
 
 
-def test_evaluation_runs_a_cached_folded_copy_equal_to_the_adapted_forward():
-    """Two steps into task 2 (tasks 0 and 1 merged, task 2's adapters on): eval() runs a copy of the ViT with
-    s B A folded in and no adapters, equal to the adapted forward; built once, reused, dropped by train(),
-    load_state_dict, end_task, grow and begin_task; evaluation leaves the training state bit-identical."""
+def test_merged_equals_the_adapted_forward_and_shares_nothing():
+    """Two steps into task 2 (tasks 0 and 1 merged, task 2's adapters on): merged() is a copy of the ViT with
+    s B A folded in and no adapters, whose logits equal forward's; it shares no parameter with the method, building
+    it leaves the method's state bit-identical, and later changes to the method do not reach it."""
     torch.manual_seed(0)
     m = K.KeepLoRA(tiny_vit(0), 12, K.Config(rank=4, epochs=1))
     for t in range(3):
         data = run_task(m, t, [3 * t, 3 * t + 1, 3 * t + 2], steps=2, seed=t, end=t < 2)
     x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    m.eval()
     with torch.no_grad():
-        adapted = m(x)  # training mode: the adapters on
+        adapted = m(x)
         for a in m.adapters():
             a.active = False
-        assert (m(x) - adapted).abs().max() > 1e-3  # the adapters matter
+        assert (m(x) - adapted).abs().max() > 1e-3  # the adapters matter, so the fold is not vacuous
         for a in m.adapters():
             a.active = True
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    m.eval()
-    folded_logits = m(x)
-    folded = m.__dict__["_eval_cache"]
-    assert all(b.attn.qkv_adapter is None and b.attn.out_adapter is None for b in folded.blocks)
-    assert torch.allclose(folded_logits, adapted, rtol=0, atol=1e-5)
-    assert torch.equal(m(x), folded_logits) and m.__dict__["_eval_cache"] is folded  # reused, not rebuilt
-    after = m.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        merged = m.merged()
+        assert all(b.attn.qkv_adapter is None and b.attn.out_adapter is None for b in merged.vit.blocks)
+        assert not any(isinstance(mod, K.Adapter) for mod in merged.modules())
+        assert not {id(p) for p in merged.parameters()} & {id(p) for p in m.parameters()}
+        assert not {p.data_ptr() for p in merged.parameters()} & {p.data_ptr() for p in m.parameters()}
+        after = m.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        folded = merged(x)
+        assert torch.allclose(folded, adapted, rtol=0, atol=1e-5)
+        assert torch.equal(m(x), adapted)  # the same in eval and train mode: forward always runs the adapters
+        assert torch.equal(m.train()(x), adapted)
     m.train()
-    assert "_eval_cache" not in m.__dict__
-    for drop in (lambda: m.load_state_dict(m.state_dict()), lambda: m.end_task(2, [6, 7, 8], data),
-                 lambda: m.grow(3, [9, 10, 11]), lambda: m.begin_task(3, [9, 10, 11], task([9, 10, 11]))):
-        m.eval()
-        m(x)
-        assert "_eval_cache" in m.__dict__
-        drop()
-        assert "_eval_cache" not in m.__dict__
-    with torch.no_grad():  # at task 3's start (W shifted by -s B_0 A, the adapters on) eval equals training too
-        assert torch.allclose(m.eval()(x), m.train()(x), rtol=0, atol=1e-5)
+    steps(m, data, 1)  # the method moves on; the built copy does not
+    with torch.no_grad():
+        assert torch.equal(merged(x), folded) and (m(x) - adapted).abs().max() > 0
+        assert torch.allclose(m.merged()(x), m(x), rtol=0, atol=1e-5)
+    m.end_task(2, [6, 7, 8], data)  # between tasks: the adapters merged and off, the copy is the plain backbone
+    m.grow(3, [9, 10, 11])
+    with torch.no_grad():
+        assert torch.allclose(m.merged()(x), m(x), rtol=0, atol=1e-5)
+    m.begin_task(3, [9, 10, 11], task([9, 10, 11]))
+    with torch.no_grad():  # at task 3's start (W shifted by -s B_0 A, the adapters on)
+        assert any(a.active for a in m.adapters()) and any(s.B.abs().max() > 0 for _, _, s in m.sites())
+        assert torch.allclose(m.merged()(x), m(x), rtol=0, atol=1e-5)
+
+
+def test_double_after_an_evaluation():
+    """.double() converts the whole method at any time, also after an evaluation: the method's own forward and
+    merged() then run in float64 and agree with each other (and with the float32 logits up to rounding)."""
+    torch.manual_seed(0)
+    m = K.KeepLoRA(tiny_vit(0), 12, K.Config(rank=4, epochs=1))
+    run_task(m, 0, [0, 1, 2], steps=2, seed=0)
+    run_task(m, 1, [3, 4, 5], steps=2, seed=1, end=False)  # mid-task: the adapters on
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    m.eval()
+    with torch.no_grad():
+        single = m(x)
+        m.merged()(x)
+        m.double()
+        out, folded = m(x.double()), m.merged()(x.double())
+    assert out.dtype == folded.dtype == torch.float64 and out.shape == (4, 6)
+    assert torch.allclose(folded, out, rtol=0, atol=1e-10)
+    assert torch.allclose(out, single.double(), rtol=0, atol=1e-4)
 
 
 def test_resume_rebuilds_structure():

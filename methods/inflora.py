@@ -6,14 +6,14 @@ arXiv 2404.00228. Official code: liangyanshuo/InfLoRA @ e08b00e; line numbers be
 
 Implements (A = down-projection r x d, designed and frozen; B = up-projection d x r, trained; the paper
 swaps the names: its B_t is our A_t):
-    W_m^(t) = W_m + sum_{s<=t} B_s^m A_s, m in {k, v}, one A_s per block shared by k and v
+ (1) W_m^(t) = W_m + sum_{s<=t} B_s^m A_s, m in {k, v}, one A_s per block shared by k and v
         (models/vit_inflora.py L191-194, L246-247; A copied to k and v: L127-128, L154-155)
-    M_t = (1/n) sum_x x x^T over every token x of the attention input on the task's training images
+ (2) M_t = (1/n) sum_x x x^T over every token x of the attention input on the task's training images
         (models/vit_inflora.py L237-238; collected before training: L116-119)
-    M_hat = M_t (t = 0) | (I - P P^T) M_t ('remove') | Q Q^T M_t ('retain')              (L144-152)
-    A_t = U_hat[:, :r]^T / sqrt(3),  M_hat = U_hat S_hat V_hat^T                         (L126-127, L153-154)
-    train only B_t^k, B_t^v and the head h_t (L93-108) with CE(h_t(f(x)), y - K_t) (L220-225)
-    after task t, M_t again with the trained branches (L188-197), then the memory update (L200):
+ (3) M_hat = M_t (t = 0) | (I - P P^T) M_t ('remove') | Q Q^T M_t ('retain')              (L144-152)
+ (4) A_t = U_hat[:, :r]^T / sqrt(3),  M_hat = U_hat S_hat V_hat^T                         (L126-127, L153-154)
+ (5) train only B_t^k, B_t^v and the head h_t (L93-108) with CE(h_t(f(x)), y - K_t) (L220-225)
+ (6) after task t, M_t again with the trained branches (L188-197), then the memory update (L200):
         DualGPM (`update_DualGPM`, L321-412) or plain GPM (`update_GPM`, L415-456);
         eps_t = lamb + (lame - lamb) t / T (L322); the energy of a singular value s of M is s^(p/2) with
         p = energy_power (4: the code's S**2 of M, i.e. sigma(H)^4, L330; 2: the paper's sigma(H)^2);
@@ -21,54 +21,54 @@ swaps the names: its B_t is our A_t):
         (L333-335); 'remove' appends top directions of (I - P P^T) M until the captured fraction >= eps_t
         (L341-368); 'retain' drops top directions of Q Q^T M from Q while the residual fraction >= 1 - eps_t
         (L369-396); a 'remove' basis wider than d/2 is replaced by its complement, 'retain' (L401-408)
-    inference: every branch summed, every head concatenated, argmax, no task id (models/sinet_inflora.py
-        L122-133)
-    optional classifier alignment (--ca; methods/inflora_ca1.py, the class configs/cifar100_infloraca.json
-    names), after every task t >= 1 (inflora_ca1.py L101-103):
-        class mean mu_c and covariance Sigma_c of f(x) on the class's training images with test transforms,
-        frozen at their task (L541-559); 5 epochs (L409) of SGD lr 0.01, momentum 0.9, wd 5e-4, cosine
-        T_max 5 (L411-416) on every head; per epoch 256 samples per class (L428) from
-        N(gamma_c mu_c, Sigma_c + 1e-4 I) (L551, L436-438), gamma_c = 0.9 + 0.1 (t_c + 1)/(t + 1) (L431-433),
-        shuffled (L448-450) and cut into |C_<=t| batches of 256 (L453-455); CE on
+ (7) inference: every branch summed, every head concatenated, argmax, no task id (models/sinet_inflora.py L122-133)
+ (8) optional classifier alignment (--ca; methods/inflora_ca1.py, the class configs/cifar100_infloraca.json names),
+        after every task t >= 1 (inflora_ca1.py L101-103): class mean mu_c and covariance Sigma_c of f(x) on the
+        class's training images with test transforms, frozen at their task (L541-559); 5 epochs (L409) of SGD
+        lr 0.01, momentum 0.9, wd 5e-4, cosine T_max 5 (L411-416) on every head; per epoch 256 samples per class
+        (L428) from N(gamma_c mu_c, Sigma_c + 1e-4 I) (L551, L436-438), gamma_c = 0.9 + 0.1 (t_c + 1)/(t + 1)
+        (L431-433), shuffled (L448-450) and cut into |C_<=t| batches of 256 (L453-455); CE on
         z / (tau mean_s ||z_{C_s}||), tau = 0.1 (L51, L459-473). The alignment uses plain GPM (L221).
-Defaults (configs/cifar100_inflora.json): r = 10 on K and V of every block; Adam (0.9, 0.999), lr 5e-4,
-wd 0, batch 128, 20 epochs (L178-180); the epoch cosine eta_e = eta_0 cos(99 pi max(e - 1, 0) / (200 (E - 1)))
-for e = 0..E-1 (utils/schedulers.py L19-20, L53-54, stepped once per epoch at L238; see `inflora_cosine`);
-lamb 0.95, lame 1.0; energy_power 4 (the code); memory 'auto' = DualGPM, or plain GPM with --ca.
-T, the task count of the threshold schedule (the config's total_sessions, L50), is the Config field
-`total_tasks`; 0 (default) derives it as ceil(num_classes / |task 0|), exact for equal tasks and for a
-smaller remainder task last.
+
+Where the equations live:
+    (1) Adapter.forward (branches s < t as one `backbone.low_rank` product, then B_t (A_t x)); InfLoRA.merged
+    (2) Adapter.forward while `recording`, InfLoRA.input_moments   (3) project   (4) design_down, InfLoRA.begin_task
+    (5) InfLoRA.grow (what trains), loss, optimizer, inflora_cosine   (6) InfLoRA.end_task, threshold, memory_update
+    (7) InfLoRA.forward, merged   (8) class_statistics, InfLoRA.align_heads (mean_decay, gaussian_replay,
+        task_normalised)
+
+Defaults (configs/cifar100_inflora.json): r = 10 on K and V of every block; Adam (0.9, 0.999), lr 5e-4, wd 0, batch
+128, 20 epochs (L178-180); the epoch cosine eta_e = eta_0 cos(99 pi max(e - 1, 0) / (200 (E - 1))) for e = 0..E-1
+(utils/schedulers.py L19-20, L53-54, stepped once per epoch at L238; see `inflora_cosine`); lamb 0.95, lame 1.0;
+energy_power 4 (the code); memory 'auto' = DualGPM, or plain GPM with --ca. T, the task count of the threshold
+schedule (the config's total_sessions, L50), is the Config field `total_tasks`; 0 (default) derives it as
+ceil(num_classes / |task 0|), exact for equal tasks and for a smaller remainder task last.
 
 Deviations:
-- First-task 'retain' branch: the code stores U[:, :max(k, 1)], the old space, while marking it 'retain'
-  (L336-338), which the check of L409-410 then rejects; this file stores the complement U[:, k:].
-- Numerical hygiene: memory updates never take directions of M_hat with a (numerically) zero singular
-  value (the code would only when eps_t >= 1), and the appended directions are re-orthogonalised against
-  the stored basis. Statistics and memory are float64 (the code: a float32 statistic, numpy SVD). The
-  numerical rank of M_hat is printed: where it is below r, the trailing rows of A_t are arbitrary.
-- energy_power = 2 uses the paper's sigma(H)^2 weighting on the singular values of the code's projected
-  matrix (I - P P^T) M; this equals the GPM / paper criterion for the first task; for later tasks the
-  paper's sigma((I - P P^T) H)^2 are the eigenvalues of (I - P P^T) M (I - P P^T), slightly different.
-- Heads are sized per task (the code's heads all have init_cls rows, models/sinet_inflora.py L72-77),
-  which makes uneven splits work. The K-means task keys of the code (L84, L248-263; unused at inference)
-  are omitted.
-- Cost that does not grow with the tasks, the same function up to float rounding. The code forms the dense
-  sum_s B_s A_s of every branch in every forward, training and inference (models/vit_inflora.py L245-249).
-  Here evaluation runs a folded copy: `merged_vit()` writes sum_s B_s^m A_s into the qkv rows of a copy of
-  the ViT, built once per evaluation (`_eval_vit`): one plain backbone forward. In training, the frozen
-  branches s < t enter as one product (x A_cat^T) B_cat^T, A_cat the R x d concatenation of their A_s
-  (R = t r), or as one dense delta sum_s B_s A_s where that costs fewer multiply-adds per token
-  (R (1 + |targets|) >= |targets| d), rebuilt by `stack_frozen` at grow and load_state_dict; the current
-  branch t runs as B_t (A_t x). `merge()` folds every branch into W in place when wanted.
-- CA: gamma_c uses the task that introduced class c; the code takes c // |last task| (L431), the same for
-  equal tasks. Sigma_c is stored in float32 and its Cholesky factor of Sigma_c + 1e-4 I computed in
-  float64 (the code: MultivariateNormal in float32, L436). Samples come from torch's global generator
-  (seeded by train.py). inflora_ca.py turns the logit norm off on CIFAR-100 (inflora_ca.py L53-56);
-  inflora_ca1.py keeps tau = 0.1, which this file follows (--ca-logit-norm 0 turns it off). Heads are
-  kept after alignment. --ca keeps InfLoRA's own training recipe: the official CIFAR CA config also changes
-  it (SGD 1e-3, heads 1e-2, wd 1e-3, r = 5; MultiStepLR at epoch 18, inflora_ca1.py L195-197) and
-  inflora_ca1.py replaces the pretrained final LayerNorm by a fresh one on CIFAR (L54-56); neither is
-  reproduced.
+- First-task 'retain' branch: the code stores U[:, :max(k, 1)], the old space, while marking it 'retain' (L336-338),
+  which the check of L409-410 then rejects; this file stores the complement U[:, k:].
+- Numerical hygiene: memory updates never take directions of M_hat with a (numerically) zero singular value (the code
+  would only when eps_t >= 1), and the appended directions are re-orthogonalised against the stored basis. Statistics
+  and memory are float64 (the code: a float32 statistic, numpy SVD). The numerical rank of M_hat is printed: where it
+  is below r, the trailing rows of A_t are arbitrary.
+- energy_power = 2 uses the paper's sigma(H)^2 weighting on the singular values of the code's projected matrix
+  (I - P P^T) M; this equals the GPM / paper criterion for the first task; for later tasks the paper's
+  sigma((I - P P^T) H)^2 are the eigenvalues of (I - P P^T) M (I - P P^T), slightly different.
+- Heads are sized per task (the code's heads all have init_cls rows, models/sinet_inflora.py L72-77), which makes
+  uneven splits work. The K-means task keys of the code (L84, L248-263; unused at inference) are omitted.
+- The code forms the dense sum_s B_s A_s of every branch in every forward (models/vit_inflora.py L245-249). Here the
+  frozen branches s < t enter as one product (`backbone.low_rank`, the targets' B_s stacked on the shared A_s), the
+  current one as B_t (A_t x): the same function up to float rounding, at a cost that does not grow with the tasks.
+  train.py evaluates `merged()`: sum_s B_s^m A_s written into the qkv rows of a copy of the ViT, one plain backbone
+  forward; the logits of `forward` up to rounding. `merge()` folds in place.
+- CA: gamma_c uses the task that introduced class c; the code takes c // |last task| (L431), the same for equal
+  tasks. Sigma_c is stored in float32 and its Cholesky factor of Sigma_c + 1e-4 I computed in float64 (the code:
+  MultivariateNormal in float32, L436). Samples come from torch's global generator (seeded by train.py).
+  inflora_ca.py turns the logit norm off on CIFAR-100 (inflora_ca.py L53-56); inflora_ca1.py keeps tau = 0.1, which
+  this file follows (--ca-logit-norm 0 turns it off). Heads are kept after alignment. --ca keeps InfLoRA's own
+  training recipe: the official CIFAR CA config also changes it (SGD 1e-3, heads 1e-2, wd 1e-3, r = 5; MultiStepLR at
+  epoch 18, inflora_ca1.py L195-197) and inflora_ca1.py replaces the pretrained final LayerNorm by a fresh one on
+  CIFAR (L54-56); neither is reproduced.
 
 Run: python train.py --method inflora --tasks 10          (InfLoRA+CA: add --ca; InfLoRA-b5: --blocks 5)
 """
@@ -82,7 +82,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import attach, features, qkv_rows
+from backbone import Merged, attach, check_options, features, fold, low_rank, qkv_rows
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -134,41 +134,20 @@ CHOICES = {"memory": ("auto", "dualgpm", "gpm")}
 
 
 def validate(cfg: Config, vit: nn.Module | None = None) -> None:
-    """Raise ValueError for a Config that cannot run; with `vit`, also check the bounds its shape sets."""
-    if cfg.rank < 1:
-        raise ValueError(f"--rank must be >= 1 (got {cfg.rank})")
-    if not cfg.targets or not set(cfg.targets) <= set("qkv") or len(set(cfg.targets)) != len(cfg.targets):
-        raise ValueError(f"--targets must be distinct letters of q, k, v (got {cfg.targets!r})")
-    if cfg.blocks < 0:
-        raise ValueError(f"--blocks must be >= 0 (got {cfg.blocks})")
-    if not 0 < cfg.lamb <= 1:
-        raise ValueError(f"--lamb must be in (0, 1] (got {cfg.lamb})")
-    if not cfg.lamb <= cfg.lame <= 1:
-        raise ValueError(f"--lame must be in [lamb, 1] (got {cfg.lame})")
-    if cfg.energy_power not in (2, 4):
-        raise ValueError(f"--energy-power must be one of 4, 2 (got {cfg.energy_power})")
-    if cfg.total_tasks < 0:
-        raise ValueError(f"--total-tasks must be >= 0 (got {cfg.total_tasks})")
-    if cfg.memory not in CHOICES["memory"]:
-        raise ValueError(f"--memory must be one of {', '.join(CHOICES['memory'])} (got {cfg.memory!r})")
-    if cfg.ca_epochs < 1:
-        raise ValueError(f"--ca-epochs must be >= 1 (got {cfg.ca_epochs})")
-    if not cfg.ca_lr > 0:
-        raise ValueError(f"--ca-lr must be > 0 (got {cfg.ca_lr})")
-    if cfg.ca_weight_decay < 0:
-        raise ValueError(f"--ca-weight-decay must be >= 0 (got {cfg.ca_weight_decay})")
-    if cfg.ca_samples < 1:
-        raise ValueError(f"--ca-samples must be >= 1 (got {cfg.ca_samples})")
-    if cfg.ca_shrink < 0:
-        raise ValueError(f"--ca-shrink must be >= 0 (got {cfg.ca_shrink})")
-    if cfg.ca_logit_norm < 0:
-        raise ValueError(f"--ca-logit-norm must be >= 0 (got {cfg.ca_logit_norm})")
-    if vit is not None:
-        d, depth = vit.embed_dim, len(vit.blocks)
-        if cfg.rank > d:
-            raise ValueError(f"--rank must be <= {d}, the width (got {cfg.rank})")
-        if cfg.blocks > depth:
-            raise ValueError(f"--blocks must be <= {depth}, the depth (got {cfg.blocks})")
+    """Raise ValueError for the first option of `cfg` that cannot run (with `vit`: also the bounds its shape sets)."""
+    d, depth = (None, None) if vit is None else (vit.embed_dim, len(vit.blocks))
+    check_options(cfg, CHOICES, [
+        ("rank", cfg.rank >= 1, ">= 1"), ("rank", vit is None or cfg.rank <= d, f"<= {d}, the width"),
+        ("targets", len(cfg.targets) == len(set(cfg.targets)) >= 1 and set(cfg.targets) <= set("qkv"),
+         "distinct letters of q, k, v"),
+        ("blocks", cfg.blocks >= 0, ">= 0"), ("blocks", vit is None or cfg.blocks <= depth, f"<= {depth}, the depth"),
+        ("lamb", 0 < cfg.lamb <= 1, "in (0, 1]"), ("lame", cfg.lamb <= cfg.lame <= 1, "in [lamb, 1]"),
+        ("energy_power", cfg.energy_power in (4, 2), "one of 4, 2"), ("total_tasks", cfg.total_tasks >= 0, ">= 0"),
+        ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("epochs", cfg.epochs >= 0, ">= 0"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("ca_epochs", cfg.ca_epochs >= 1, ">= 1"), ("ca_lr", cfg.ca_lr > 0, "> 0"),
+        ("ca_weight_decay", cfg.ca_weight_decay >= 0, ">= 0"), ("ca_samples", cfg.ca_samples >= 1, ">= 1"),
+        ("ca_shrink", cfg.ca_shrink >= 0, ">= 0"), ("ca_logit_norm", cfg.ca_logit_norm >= 0, ">= 0")])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,11 +155,9 @@ def validate(cfg: Config, vit: nn.Module | None = None) -> None:
 
 
 class Adapter(nn.Module):
-    """Per-task branches on the slices m of one block's fused qkv: delta_m = sum_s B_s^m (A_s x).
-
-    Also holds the layer's subspace memory (a fixed-shape d x d basis whose first `width` columns are used,
-    and the mode 0 = 'remove' / 1 = 'retain') and, while `recording`, accumulates sum_x x x^T of its input.
-    """
+    """Per-task branches on the slices m of one block's fused qkv: delta_m = sum_s B_s^m (A_s x). Also holds the
+    layer's subspace memory (a fixed-shape d x d basis whose first `width` columns are used, and the mode
+    0 = 'remove' / 1 = 'retain') and, while `recording`, accumulates sum_x x x^T of its input."""
 
     def __init__(self, d: int, rank: int, targets: str):
         super().__init__()
@@ -190,11 +167,6 @@ class Adapter(nn.Module):
         self.register_buffer("basis", torch.zeros(d, d, dtype=torch.float64))
         self.register_buffer("width", torch.zeros((), dtype=torch.long))
         self.register_buffer("mode", torch.zeros((), dtype=torch.long))
-        # the frozen branches 0..frozen-1, rebuilt by stack_frozen, never stored: A_cat (R x d), or None when
-        # they are folded into one dense delta; per target B_cat (|targets|, d, R) or the delta (|targets|, d, d)
-        self.register_buffer("stack_A", None, persistent=False)
-        self.register_buffer("stack_B", None, persistent=False)
-        self.frozen = 0
         self.recording = False
         self.moment, self.count = None, 0
 
@@ -209,39 +181,21 @@ class Adapter(nn.Module):
             xf = x.detach().reshape(-1, self.d).double()
             self.moment = self.moment + xf.T @ xf
             self.count += xf.shape[0]
-        delta: dict[str, torch.Tensor] = {}
-        if self.stack_B is not None:  # the frozen branches: one low-rank product or one dense delta
-            h = x if self.stack_A is None else F.linear(x, self.stack_A)
-            for i, m in enumerate(self.targets):
-                delta[m] = F.linear(h, self.stack_B[i])
-        for s in range(self.frozen, len(self.A)):  # the current branch (every branch if none is stacked)
-            h = F.linear(x, self.A[s])
-            for m in self.targets:
-                d_m = F.linear(h, self.B[s][m])
-                delta[m] = delta[m] + d_m if m in delta else d_m
-        return delta
-
-    @torch.no_grad()
-    def stack_frozen(self, n: int) -> None:
-        """Enter branches 0..n-1 as one product (x A_cat^T) B_cat^T, or as their dense sum_s B_s A_s where that
-        is cheaper per token: R (1 + |targets|) >= |targets| d multiply-adds, R = n r (A_cat is shared)."""
-        self.frozen = n
-        if n == 0:
-            self.stack_A = self.stack_B = None
-            return
-        A = torch.cat([self.A[s] for s in range(n)])
-        B = torch.stack([torch.cat([self.B[s][m] for s in range(n)], dim=1) for m in self.targets])
-        k = len(self.targets)
-        if A.shape[0] * (1 + k) >= k * self.d:
-            self.stack_A, self.stack_B = None, B @ A
-        else:
-            self.stack_A, self.stack_B = A, B
+        if len(self.A) == 0:
+            return {}
+        A, B = list(self.A), list(self.B)
+        # the frozen branches s < t as one product for all targets (A_s is shared: the targets' B_s^m are stacked)
+        old = low_rank(x, A[:-1], [torch.cat([b[m] for m in self.targets]) for b in B[:-1]])
+        h = F.linear(x, A[-1])  # the current branch t
+        new = {m: F.linear(h, B[-1][m]) for m in self.targets}
+        return new if old is None else {m: o + new[m] for m, o in zip(self.targets, old.split(self.d, dim=-1))}
 
     def stored(self) -> torch.Tensor:
         return self.basis[:, : int(self.width)]
 
-    def delta_weight(self, m: str) -> torch.Tensor:
-        return sum(B[m] @ A for A, B in zip(self.A, self.B))
+    def delta_weight(self, m: str) -> torch.Tensor | None:
+        """sum_s B_s^m A_s, what the branches add to the m rows of qkv (None for a slice they do not adapt)."""
+        return sum(B[m] @ A for A, B in zip(self.A, self.B)) if m in self.targets else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,11 +220,9 @@ class InfLoRA(nn.Module):
         if cfg.ca:  # class statistics of the alignment, frozen at their task (fixed shapes for resume)
             self.register_buffer("ca_mean", torch.zeros(num_classes, d, dtype=torch.float64))
             self.register_buffer("ca_cov", torch.zeros(num_classes, d, d))
-        self.register_load_state_dict_post_hook(lambda mod, keys: mod.stack_frozen())
 
     # -- contract --------------------------------------------------------------------------------
     def grow(self, t: int, classes: list[int]) -> None:
-        self._drop_eval_vit()
         assert t == len(self.heads) and classes[0] == self.offsets[-1], "tasks must grow in order"
         if t == 0 and self.cfg.total_tasks == 0:
             self.T = math.ceil(self.num_classes / len(classes))
@@ -283,11 +235,9 @@ class InfLoRA(nn.Module):
                 B.requires_grad_(s == t)
         for s, h in enumerate(self.heads):
             h.requires_grad_(s == t)
-        self.stack_frozen()  # branches s < t are frozen
 
     @torch.no_grad()
     def begin_task(self, t: int, classes: list[int], data) -> None:
-        self._drop_eval_vit()
         ranks = []
         for ad, M in zip(self.adapters, self.input_moments(data.train)):
             M_hat = M if t == 0 else project(M, ad.stored(), int(ad.mode))
@@ -310,7 +260,6 @@ class InfLoRA(nn.Module):
 
     @torch.no_grad()
     def end_task(self, t: int, classes: list[int], data) -> None:
-        self._drop_eval_vit()
         for p in self.parameters():  # task t is finished: freeze its branch and head
             p.requires_grad_(False)
             p.grad = None
@@ -332,8 +281,13 @@ class InfLoRA(nn.Module):
                 self.align_heads(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        vit = self.vit if self.training else self._eval_vit()  # evaluation: one forward of the folded copy
-        return self.logits(features(vit, x))
+        return self.logits(features(self.vit, x))
+
+    def merged(self) -> nn.Module:
+        """The inference model: the heads over a copy of the ViT with sum_s B_s^m A_s in its qkv rows, no adapters."""
+        ads = [blk.attn.qkv_adapter for blk in self.vit.blocks]
+        return Merged(fold(self.vit, lambda i, m: None if ads[i] is None else ads[i].delta_weight(m)),
+                      copy.deepcopy(self.heads))
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -343,42 +297,6 @@ class InfLoRA(nn.Module):
 
     def logits(self, f: torch.Tensor) -> torch.Tensor:
         return torch.cat([h(f) for h in self.heads], dim=1)
-
-    def train(self, mode: bool = True):
-        self._drop_eval_vit()  # train() and eval(): the next evaluation folds the adapters as they are then
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._drop_eval_vit()  # .to(), .double(), ...: the folded copy would keep the old device and dtype
-        return super()._apply(fn, *args, **kwargs)
-
-    @torch.no_grad()
-    def merged_vit(self) -> nn.Module:
-        """A copy of the ViT with every adapter's delta folded into its qkv rows, and no adapters."""
-        vit = copy.deepcopy(self.vit, {id(ad): None for ad in self.adapters})  # copied without the adapters
-        d = vit.embed_dim
-        for blk, ad in zip(vit.blocks, self.adapters):
-            for m in ad.targets:
-                blk.attn.qkv.weight[qkv_rows(m, d)] += ad.delta_weight(m)
-        return vit
-
-    def _eval_vit(self) -> nn.Module:
-        """merged_vit(), built by the first evaluation forward and kept until the adapters can change (train(),
-        grow, begin_task, end_task, load_state_dict, merge); held outside the module tree, so it is in no
-        state_dict() and no parameters()."""
-        vit = self.__dict__.get("_eval_cache")
-        if vit is None:
-            vit = self.__dict__["_eval_cache"] = self.merged_vit()
-        return vit
-
-    def _drop_eval_vit(self) -> None:
-        self.__dict__.pop("_eval_cache", None)
-
-    def stack_frozen(self) -> None:
-        """Rebuild every adapter's stack of the frozen branches (all but the current task's); drop the folded copy."""
-        self._drop_eval_vit()
-        for ad in self.adapters:
-            ad.stack_frozen(max(len(self.heads) - 1, 0))
 
     @torch.no_grad()
     def input_moments(self, loader) -> list[torch.Tensor]:
@@ -438,10 +356,8 @@ class InfLoRA(nn.Module):
         for blk, ad in zip(self.vit.blocks, self.adapters):
             for m in ad.targets:
                 blk.attn.qkv.weight[qkv_rows(m, d)] += ad.delta_weight(m)
-            for B in ad.B:
-                for b in B.values():
-                    b.zero_()
-        self.stack_frozen()
+            for b in ad.B.parameters():
+                b.zero_()
 
 
 Method = InfLoRA

@@ -1,6 +1,6 @@
 """InfLoRA (methods/inflora.py): the design of A_t, the DualGPM / GPM memory, interference-free updates,
-freezing, merging, folded evaluation, the stacked training forward, the schedule, the adapters' registration
-and the classifier alignment.
+freezing, merging, the inference model merged(), the stacked training forward, the schedule, the adapters'
+registration and the classifier alignment.
 
 Linear algebra on random matrices in float64; module-level checks on the tiny random ViT in float32.
 """
@@ -282,58 +282,70 @@ def test_freezing_start_of_task_and_training():
 
 
 def test_merge_equivalence():
-    """Folding sum_s B_s A_s into W gives the same outputs (rtol 1e-5)."""
+    """Folding sum_s B_s A_s into W in place gives the same outputs (rtol 1e-5) and zeroes every B."""
     torch.manual_seed(0)
     m = method(rank=3)
     run_task(m, 0, [0, 1, 2], end=True)
     run_task(m, 1, [3, 4], end=False)
     with torch.no_grad():
         for ad in m.adapters:
-            for B in ad.B:
-                for b in B.values():
-                    b.copy_(torch.randn_like(b) * 0.1)
-    m.stack_frozen()  # B_0 is frozen: its stacked copy is rebuilt after an in-place edit
+            for b in ad.B.parameters():
+                b.copy_(torch.randn_like(b) * 0.1)  # B_0 is frozen: the forward reads the edit directly
     x = torch.rand(4, 3, 16, 16)
     with torch.no_grad():
         before = m(x)
         m.merge()
         after = m(x)
-    assert all(not b.any() for ad in m.adapters for B in ad.B for b in B.values())
+    assert all(not b.any() for ad in m.adapters for b in ad.B.parameters())
     assert torch.allclose(after, before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
 
 
-def test_evaluation_folds_once_and_equals_the_branches():
-    """After 3 tasks, m.eval(); m(x) runs a copy of the ViT with sum_s B_s A_s folded into its k and v rows and
-    no adapters: the logits of the forward through the branches (atol 1e-5, fp32). Evaluation leaves the state
-    dict bit-identical; the copy is reused by the next batch and dropped by train(), load_state_dict, begin_task,
-    end_task and grow."""
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_merged_equals_the_forward_and_shares_nothing(blocks):
+    """After 3 tasks, merged() is a copy of the ViT without adapters, sum_s B_s A_s added to the k and v rows of the
+    adapted blocks (q rows and unadapted blocks untouched), with copies of the heads: its logits equal the forward
+    through the branches in eval mode (atol 1e-5, fp32), which is the same function as in train mode. Building it
+    leaves the method's state dict bit-identical, and it shares no parameter with the method."""
     torch.manual_seed(0)
-    m = method(rank=3)
+    m = method(rank=3, blocks=blocks)
     for t in range(3):
-        data = run_task(m, t, [3 * t, 3 * t + 1, 3 * t + 2], seed=t)
+        run_task(m, t, [3 * t, 3 * t + 1, 3 * t + 2], seed=t)
     x = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     state = {k: v.clone() for k, v in m.state_dict().items()}
     with torch.no_grad():
-        unmerged = m.logits(bb.features(m.vit, x))  # the branches run
-        m.eval()
-        folded = m(x)
-        copy_ = m.__dict__["_eval_cache"]
-        m(x)
-    assert m.__dict__["_eval_cache"] is copy_  # folded once per evaluation, not per batch
-    assert all(blk.attn.qkv_adapter is None for blk in copy_.blocks)
-    assert all(not torch.equal(a.attn.qkv.weight, b.attn.qkv.weight) for a, b in zip(copy_.blocks, m.vit.blocks))
-    assert {id(p) for p in copy_.parameters()}.isdisjoint({id(p) for p in m.parameters()})
-    torch.testing.assert_close(folded, unmerged, atol=1e-5, rtol=0)
+        trained = m.train()(x)
+        branches = m.eval()(x)
+        merged = m.merged()
+        folded = merged(x)
+    assert torch.equal(trained, branches)
+    assert all(blk.attn.qkv_adapter is None for blk in merged.vit.blocks)
+    assert not any("adapter" in k for k in merged.state_dict())
+    d, n = m.vit.embed_dim, blocks or len(m.vit.blocks)
+    for i, (a, b) in enumerate(zip(merged.vit.blocks, m.vit.blocks)):
+        assert torch.equal(a.attn.qkv.weight[:d], b.attn.qkv.weight[:d])
+        assert torch.equal(a.attn.qkv.weight[d:], b.attn.qkv.weight[d:]) == (i >= n)
+    assert {id(p) for p in merged.parameters()}.isdisjoint({id(p) for p in m.parameters()})
+    torch.testing.assert_close(folded, branches, atol=1e-5, rtol=0)
     after = m.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
-    for drop in (m.train, lambda: m.load_state_dict(state), lambda: m.begin_task(2, [6, 7, 8], data),
-                 lambda: m.end_task(2, [6, 7, 8], data), lambda: m.grow(3, [9, 10, 11])):
-        m.eval()
-        with torch.no_grad():
-            m(x)
-        assert "_eval_cache" in m.__dict__
-        drop()
-        assert "_eval_cache" not in m.__dict__
+
+
+def test_double_after_an_evaluation():
+    """Nothing a forward needs lives outside parameters and buffers: after an evaluation (forward and merged), .double()
+    converts the method; its forward and a new merged() run in float64 and agree (atol 1e-10) and with float32."""
+    torch.manual_seed(0)
+    m = method(rank=3, ca=True, ca_epochs=1, ca_samples=8)
+    run_task(m, 0, [0, 1, 2])
+    run_task(m, 1, [3, 4, 5], seed=1)
+    x = torch.rand(3, 3, 16, 16)
+    m.eval()
+    with torch.no_grad():
+        f32, _ = m(x), m.merged()(x)
+        m.double()
+        f64, merged64 = m(x.double()), m.merged()(x.double())
+    assert f64.dtype == merged64.dtype == torch.float64
+    torch.testing.assert_close(merged64, f64, atol=1e-10, rtol=0)
+    torch.testing.assert_close(f64.float(), f32, atol=1e-5, rtol=0)
 
 
 def branch_loop(ad):
@@ -349,10 +361,11 @@ def branch_loop(ad):
 
 
 @pytest.mark.parametrize("rank, dense", [(4, False), (12, True)])
-def test_stacked_training_forward_equals_the_branch_loop(rank, dense):
-    """In task 3, the frozen branches 0 and 1 enter as one product (R = 8: 8 * 3 < 2 * 32) or as one dense delta
-    (R = 24: 24 * 3 >= 2 * 32); logits, loss and the gradient of every trainable tensor equal those of the loop over
-    branches (float64, atol 1e-5), and the stacked tensors are not in the state dict."""
+def test_stacked_training_forward_equals_the_branch_loop(rank, dense, monkeypatch):
+    """In task 3, the frozen branches 0 and 1 enter as one backbone.low_rank call per block, their shared A_s once
+    for k and v (B_s^k and B_s^v stacked: 2d x r); low_rank runs it as a low-rank product (R = 8: 8 (32 + 64) <
+    32 * 64) or as a dense delta (R = 24). Logits, loss and the gradient of every trainable tensor equal those of the
+    loop over branches (float64, atol 1e-5), and nothing stacked is in the state dict."""
     torch.manual_seed(0)
     m = method(rank=rank)
     run_task(m, 0, [0, 1, 2, 3])
@@ -361,9 +374,10 @@ def test_stacked_training_forward_equals_the_branch_loop(rank, dense):
     data = run_task(m, 2, [8, 9, 10, 11], seed=2, end=False)  # B_2 trained, task 2 current
     assert len(m.state_dict()) == n_state + 3 * len(m.adapters) + 2  # A_2, B_2^k, B_2^v, heads.2.*: no stack
     m.double()
-    for ad in m.adapters:
-        assert ad.frozen == 2 and (ad.stack_A is None) == dense
-        assert ad.stack_B.shape == (2, 32, 32 if dense else 2 * rank)
+    d = m.vit.embed_dim
+    assert (2 * rank * (d + 2 * d) >= d * 2 * d) == dense  # low_rank's rule for R = 2 r, d_in = d, d_out = 2 d
+    calls = []
+    monkeypatch.setattr(inflora, "low_rank", lambda x, A, B: calls.append((A, B)) or bb.low_rank(x, A, B))
     x, y = next(iter(data.train))
     x = x.double()
     params = [p for p in m.parameters() if p.requires_grad]
@@ -373,6 +387,10 @@ def test_stacked_training_forward_equals_the_branch_loop(rank, dense):
         return m(x), loss, torch.autograd.grad(loss, params)
 
     stacked = run()
+    assert len(calls) == 2 * len(m.adapters)  # one call per block and forward
+    for (A, B), ad in zip(calls, m.adapters):
+        assert len(A) == len(B) == 2 and all(a is a_s for a, a_s in zip(A, ad.A))
+        assert all(torch.equal(b, torch.cat([B_s["k"], B_s["v"]])) for b, B_s in zip(B, ad.B))
     for ad in m.adapters:
         ad.forward = branch_loop(ad)
     try:
@@ -528,10 +546,19 @@ def test_logit_normalisation_keeps_predictions(sizes, seed, tau):
 
 @pytest.mark.parametrize("bad", [dict(rank=0), dict(rank=33), dict(targets="kx"), dict(blocks=5),
                                  dict(lamb=0.0), dict(lamb=0.99, lame=0.9), dict(energy_power=3),
-                                 dict(total_tasks=-1), dict(memory="gpm2"), dict(ca=True, ca_epochs=0)])
+                                 dict(total_tasks=-1), dict(memory="gpm2"), dict(ca=True, ca_epochs=0),
+                                 dict(lr=0.0), dict(lr=math.nan), dict(weight_decay=-1.0), dict(epochs=-1),
+                                 dict(batch_size=0)])
 def test_bad_config_is_a_value_error(bad):
     with pytest.raises(ValueError, match=r"^--[a-z-]+ must be .* \(got .+\)$"):
         method(**bad)
+
+
+def test_bounds_set_by_the_vit_are_checked_only_with_it():
+    cfg = inflora.Config(rank=33, blocks=5)
+    inflora.validate(cfg)  # no ViT: width and depth unknown
+    with pytest.raises(ValueError, match=r"^--rank must be <= 32, the width \(got 33\)$"):
+        inflora.validate(cfg, tiny_vit())
 
 
 def test_blocks_option_adapts_only_the_first_blocks():

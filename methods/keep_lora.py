@@ -10,82 +10,59 @@ and line at a17f9c2 (paths under MTIL/; "Prop. 3.1" is the paper's label as quot
 Implements, for every adapted matrix W (d_out x d_in): the q, k, v row blocks of the fused qkv and o = attn.proj,
 in every block. A (r x d_in) is the frozen down-projection, B (d_out x r) the trained up-projection,
 delta W = s B A with s = alpha / r; Q (d_in x k) is the protected basis, orthonormal columns. (The official code
-stores the transposes, lora_A = A^T and lora_B = B^T, and writes y = x lora_A lora_B.)
-    (a) y = x W^T + b + s x A^T B^T                                   model/peft_modules.py L17, L67-71
-    (b) W = U S V^T, W_p = V[:, :p] (input side; U[:, :p] is MTIL's output side), once before task 0,
-        p = max(1, #{j : sum_{i<=j} S_i^2 / sum S^2 < eps_w})        trainer/framework4MTIL.py L123-126,
-                                                   model/prin_subspace_helper.py L47-70, model/prin_subspace.py L20-29
-    (c) G = mean over the task's batches of dL/dW (adapters off),  G_hat = G (I - Q Q^T),  Q = [W_p, M_{t-1}]
-                                                                   trainer/trainer.py L29-106, L108-121
-    (d) G_hat = U S V^T,  A = V[:, :r]^T,  B_0 = U[:, :r] diag(S[:r])              trainer/trainer.py L123-125
-    (e) W <- W - s B_0 A   (the function is unchanged at the start of the task)     trainer/trainer.py L317
-    (f) W <- W + s B A, then A, B <- 0   (merge at the end of the task)
-                                   model/customClip.py L180-239, trainer/framework4MTIL.py L131-135
-    (g) with C the merged model's input features at the site, E = tr C, P = I - Q Q^T,
-        P C P = U_hat diag(s_hat^2) U_hat^T, c_0 = (E - tr(P C P)) / E:
-        m = min{m : c_0 + sum_{i<=m} s_hat_i^2 / E >= eps_f},  Q <- [Q, U_hat[:, :m]]   model/prin_subspace.py L31-59
-        and for the first basis (no W_p, eps_w <= 1e-8): m = max(1, #{j : sum_{i<=j} s_hat_i^2 / E < eps_f})
-                                                 model/prin_subspace.py L16, L20-29; trainer/framework4MTIL.py L123
-        'covariance' C = sum over tokens x x^T; 'official_mean' C = R R^T, R = mean_b X_b^T / N_b (MTIL's
-        accumulator, model/peft_modules.py L44-65; trainer/framework4MTIL.py L136-139)
-    (h) logits = tau cos(f(x), w_c), tau = 30, over the heads of all seen tasks; loss = CE over the task's own
-        classes                                   model/classifiers.py L33-41; trainer/trainer.py L346-349
-Prop. 3.1: with A frozen, delta W = s (delta B) A has its rows in the row space of A, which is orthogonal to
-span(Q), so inputs in span(Q) keep their outputs exactly, whatever the optimiser does to B; one SGD step with
-rate eta moves W by -eta s^2 G A^T A, a projected gradient step. No gradient projection is needed (in code: Site
-holds A as a buffer, B as the only trained tensor).
+stores the transposes, lora_A = A^T and lora_B = B^T, and writes y = x lora_A lora_B.) Per task t, each step with
+the code that implements it (begin_task: 1-6, loss: 7, end_task: 8-9):
+ 1. A, B <- 0, adapters off: Site.reset                                           model/keeplora_helper.py L16-30
+ 2. (b) t = 0: W = U S V^T, Q <- W_p = V[:, :p] (input side; MTIL's output side U[:, :p]),
+    p = max(1, #{j : sum_{i<=j} S_i^2 / sum S^2 < eps_w}): weight_basis, first_basis_size
+                   trainer/framework4MTIL.py L123-126, model/prin_subspace_helper.py L47-70, prin_subspace.py L20-29
+ 3. head_t <- the normalised class means of the current backbone: class_means          model/customClip.py L103-150
+ 4. (c) G = mean over the task's batches of dL/dW (adapters off, task-local CE through head_t),
+    G_hat = G (I - Q Q^T), Q = [W_p, M_{t-1}]: estimate_gradient, task_batches  trainer/trainer.py L29-106, L108-121
+ 5. (d) G_hat = U S V^T, A = V[:, :r]^T, B_0 = U[:, :r] diag(S[:r]): residual_lora_init  trainer/trainer.py L123-125
+ 6. (e) W <- W - s B_0 A (the function is unchanged), adapters on: init_from_gradient     trainer/trainer.py L317
+ 7. (a) y = x W^T + b + s x A^T B^T: Site.forward                              model/peft_modules.py L17, L67-71
+    (h) logits = tau cos(f(x), w_c), tau = 30, over all seen heads; CE over the task's own classes: CosineHead, loss
+    (model/classifiers.py L33-41; trainer/trainer.py L346-349); B and head_t train with AdamW, OneCycleLR stepped
+    per batch: optimizer                                                 trainer/trainer.py L260-305, L336-355
+ 8. (f) W <- W + s B A, then A, B <- 0: merge (merged() folds the same s B A into a copy for evaluation)
+                                                    model/customClip.py L180-239, trainer/framework4MTIL.py L131-135
+ 9. (g) grow Q from the merged model's input features C at each site over the task's data: grow_bases,
+    FeatureStats, grow_basis. E = tr C, P = I - Q Q^T, P C P = U_hat diag(s_hat^2) U_hat^T, c_0 = (E - tr(P C P)) / E,
+    m = min{m : c_0 + sum_{i<=m} s_hat_i^2 / E >= eps_f}, Q <- [Q, U_hat[:, :m]] (model/prin_subspace.py L31-59);
+    the first basis (no W_p, eps_w <= 1e-8): m = max(1, #{j : sum_{i<=j} s_hat_i^2 / E < eps_f})
+    (model/prin_subspace.py L16, L20-29; trainer/framework4MTIL.py L123). 'covariance' C = sum over tokens x x^T;
+    'official_mean' C = R R^T, R = mean_b X_b^T / N_b (MTIL's accumulator, model/peft_modules.py L44-65;
+    trainer/framework4MTIL.py L136-139)
+Prop. 3.1: with A frozen, delta W = s (delta B) A has its rows in the row space of A, orthogonal to span(Q), so
+inputs in span(Q) keep their outputs exactly, whatever the optimiser does to B (one SGD step moves W by
+-eta s^2 G A^T A, a projected gradient step): Site holds A as a buffer and B as the only trained tensor.
 
-Per task t (begin_task: steps 1-6, loss: 7, end_task: 8-9). Where the equations live: the code after each step.
-    1. A, B <- 0 and the adapters off: Site.reset                       model/keeplora_helper.py L16-30
-    2. (t = 0) Q <- W_p, (b): weight_basis, first_basis_size
-    3. head_t <- the normalised class means of the current backbone: class_means    model/customClip.py L103-150
-    4. G, (c), with the task-local CE through head_t: estimate_gradient, task_batches
-    5. A, B_0 per matrix, (c)-(d): residual_lora_init
-    6. the shift (e); the adapters on: init_from_gradient
-    7. train B and head_t: (a) Site.forward, (h) CosineHead and loss; AdamW, OneCycleLR stepped per batch
-       (optimizer)                                                      trainer/trainer.py L260-305, L336-355
-    8. merge, (f): merge (merged() folds the same s B A into a copy for evaluation)
-    9. grow Q from the merged model's features over the task's data, (g): grow_bases, FeatureStats, grow_basis
-
-Defaults (the MTIL vision values, configs/keeplora_order1.yaml @ a17f9c2): targets q, k, v, o of every block
-(L20); r = 16 (L22), alpha = 1 (model/peft_vit.py L69; s = 1/16); eps_w = 0.85 (L26); eps_f = 0.99 (L24);
-AdamW lr 1e-3, wd 0.01 (L14-16) on B and the head; torch OneCycleLR stepped per batch with its default beta_1
-cycling (trainer/trainer.py L297-301, L355); batch 64 (L13); 10 epochs per task (L17); B_0 from the SVD with the
-W shift (trainer/trainer.py L184-191, L205-207, L317); cosine head tau = 30 (model/classifiers.py L34, the
-KeepLoRA+ head). Not the official choice: feature_mode = covariance (the reading of the paper's feature matrix;
-MTIL's accumulator is 'official_mean'); weight_basis_side = input (the paper's and LLaVA's side; MTIL takes
-output-side vectors, which works only for square W).
+Defaults: the MTIL vision values (configs/keeplora_order1.yaml @ a17f9c2, the line after each Config field), except
+feature_mode = covariance (the paper's feature matrix; MTIL's accumulator is 'official_mean') and
+weight_basis_side = input (the paper's and LLaVA's; MTIL's output side fits square W only).
 
 Deviations:
-- Exact float64 torch.linalg.svd / eigh instead of the official randomised torch.svd_lowrank(q = 4r, niter = 4)
-  (trainer/trainer.py L123-141): deterministic, and d <= 768 is cheap. The shift and the merge are computed in
-  float64 and written into the float32 weights; MTIL trains under fp16 autocast (configs/keeplora_order1.yaml L3).
-- Saturation guard (not in the official code): if ||G_hat||^2 <= 1e-8 ||G||^2 a matrix gets no adapter in this
-  task (A = 0); otherwise its rank is min(r, d_in - k, numerical rank of G_hat), and A is re-orthogonalised
-  against Q (twice) and re-orthonormalised by QR, with B_0 = G_hat A^T (equal to U diag(S) for the exact SVD).
-  A randomised SVD of a (nearly) zero residual would return noise that leaks into span(Q).
-- Basis growth: the new columns are re-orthogonalised against Q and re-orthonormalised by QR; m never exceeds
-  d_in - k (the official code truncates to d_in columns, model/prin_subspace.py L55-59) nor the number of
-  non-negligible residual eigenvalues (> 1e-12 of the largest), so no direction of span(Q) is ever appended.
-  The eigendecomposition of P C P gives the same U_hat and s_hat^2 as the official SVD of P R.
-- The three passes over the task's data (prototypes, gradient, features) read data.plain (training images, test
-  transforms, fixed order); MTIL feeds one shuffled, drop_last loader to all three (trainer/framework4MTIL.py
-  L120, L136; trainer/trainer.py L315, L323). The mean gradient and the covariance do not depend on the order;
-  for the gradient and 'official_mean' a short last batch is skipped (drop_last), unless it is the only batch.
-- 'official_mean' averages the batch-slot-aligned columns of data.plain's fixed-order batches, not of shuffled
-  ones; it is MTIL's quirk either way (a per-position mean of the tokens, not a covariance) and not the default.
-- grad_fraction < 1 takes evenly spaced batches (LLaVA: evenly spaced samples, MCITlib/KeepLoRA/llava/train/
-  extract_gradients.py L57-58).
+- Exact float64 torch.linalg.svd / eigh, not the official randomised torch.svd_lowrank(q = 4r, niter = 4)
+  (trainer/trainer.py L123-141): deterministic, cheap for d <= 768. Shift and merge are computed in float64 into
+  the float32 weights (MTIL trains under fp16 autocast, configs/keeplora_order1.yaml L3).
+- Guards (not official), so that no direction of span(Q) enters A or Q: a matrix with ||G_hat||^2 <= 1e-8 ||G||^2
+  gets no adapter this task; else its rank is min(r, d_in - k, numerical rank of G_hat), A is re-orthogonalised
+  against Q twice and QR-orthonormalised, B_0 = G_hat A^T (= U diag(S) for the exact SVD). New basis columns are
+  re-orthogonalised and QR'd alike; m <= d_in - k (the code truncates to d_in columns, model/prin_subspace.py
+  L55-59) and <= the residual eigenvalues > 1e-12 of the largest (eigh of P C P: the official SVD of P R's U_hat).
+- The three passes (prototypes, gradient, features) read data.plain (test transforms, fixed order); MTIL feeds one
+  shuffled drop_last loader to all three (trainer/framework4MTIL.py L120, L136; trainer/trainer.py L315, L323).
+  Mean gradient and covariance do not depend on the order; the gradient and 'official_mean' skip a short last
+  batch unless it is the only one. grad_fraction < 1 takes evenly spaced batches (LLaVA: evenly spaced samples,
+  MCITlib/KeepLoRA/llava/train/extract_gradients.py L57-58).
 - The head: MTIL estimates the gradient through CLIP's zero-shot text head and adds the KeepLoRA+ head after the
-  LoRA init (trainer/trainer.py L315-323). A ViT has no text head, so head_t is initialised from the class means
-  before the gradient estimate (a random head would give a meaningless gradient). Task-local CE and the
-  concatenated heads at inference are the class-incremental transplant.
-- train.py evaluates `merged()`: a copy of the ViT without adapters, the active s B A written into its weights as
-  (f) does (between tasks: the plain merged backbone). The official forward, like `forward` here, always runs the
-  adapters, zero after the merge (model/peft_vit.py L211-219, L230-236; model/peft_modules.py L67-71).
-- No classifier alignment (SLCA's Gaussian replay, an optional ablation elsewhere, is not part of KeepLoRA).
-- Another snapshot of the official repository (7abf7ec) zeroes B after the SVD, so its shift is a no-op there
-  (B_0 = 0, as in the LLaVA code); b0_init = 'zero' gives that variant.
+  LoRA init (trainer/trainer.py L315-323); a ViT has no text head, so head_t starts from the class means, before
+  the gradient estimate. Task-local CE and the concatenated heads at inference are the class-incremental transplant.
+- train.py evaluates `merged()` (the active s B A folded into a copy, as (f)); the official forward, like `forward`,
+  always runs the adapters, zero after the merge (model/peft_vit.py L211-219, L230-236; peft_modules.py L67-71).
+- No classifier alignment (SLCA's Gaussian replay is not part of KeepLoRA). Snapshot 7abf7ec of the official code
+  zeroes B after the SVD (B_0 = 0, no shift, as the LLaVA code): b0_init = 'zero'.
 
 Run: python train.py --method keep_lora --tasks 10
 """
@@ -108,15 +85,15 @@ from backbone import Merged, attach, check_options, features, fold, qkv_rows
 @dataclass(frozen=True)
 class Config:
     rank: int = 16
-    """LoRA rank r (MTIL vision: 16)"""
+    """LoRA rank r (MTIL vision: 16, L22)"""
     alpha: float = 1.0
-    """LoRA alpha; the adapter scale is s = alpha / rank (MTIL: alpha 1, s = 1/16; LLaVA: alpha = r/4)"""
+    """LoRA alpha; the adapter scale is s = alpha / rank (MTIL: 1, model/peft_vit.py L69, s = 1/16; LLaVA: r/4)"""
     targets: str = "qkvo"
-    """adapted matrices of every block, any of q, k, v (slices of the fused qkv) and o (attn.proj) (MTIL: all four)"""
+    """adapted matrices of every block, any of q, k, v (slices of the fused qkv) and o (attn.proj) (MTIL: all, L20)"""
     eps_w: float = 0.85
-    """energy threshold of the pretrained weight basis W_p (MTIL vision 0.85; <= 1e-8: no W_p)"""
+    """energy threshold of the pretrained weight basis W_p (MTIL vision 0.85, L26; <= 1e-8: no W_p)"""
     eps_f: float = 0.99
-    """energy threshold of the task-feature basis growth (MTIL 0.99)"""
+    """energy threshold of the task-feature basis growth (MTIL 0.99, L24)"""
     feature_mode: str = "covariance"
     """task features: 'covariance' (sum of x x^T over all tokens, the paper's reading) or 'official_mean' (MTIL)"""
     weight_basis_side: str = "input"
@@ -125,19 +102,21 @@ class Config:
     """size of the first basis (W_p, or the first feature basis when there is no W_p): 'official'
     p = max(1, #{cumulative energy < eps}); 'paper' the first p whose cumulative energy reaches eps"""
     b0_init: str = "svd"
-    """'svd': B_0 = U_r S_r with the weight shift (paper, MTIL @ a17f9c2); 'zero': B_0 = 0, no shift (LLaVA code)"""
+    """'svd': B_0 = U_r S_r with the W shift (paper; MTIL trainer/trainer.py L184-191, L205-207, L317); 'zero':
+    B_0 = 0, no shift (LLaVA code)"""
     grad_fraction: float = 1.0
     """share of the task's batches (evenly spaced) in the gradient estimate (MTIL: 1; LLaVA: 0.2)"""
     head_scale: float = 30.0
-    """scale tau of the per-task cosine head (the KeepLoRA+ head)"""
+    """scale tau of the per-task cosine head (the KeepLoRA+ head, model/classifiers.py L34)"""
     lr: float = 1e-3
-    """AdamW learning rate, also OneCycleLR's max_lr (MTIL)"""
+    """AdamW learning rate, also the max_lr of OneCycleLR, stepped per batch with its beta_1 cycling (MTIL L14-16;
+    trainer/trainer.py L297-301, L355)"""
     weight_decay: float = 0.01
-    """AdamW weight decay on B and the head (MTIL)"""
+    """AdamW weight decay on B and the head (MTIL, L14-16)"""
     epochs: int = 10
-    """epochs per task (MTIL order I: 10 per dataset)"""
+    """epochs per task (MTIL order I: 10 per dataset, L17)"""
     batch_size: int = 64
-    """training batch size (MTIL)"""
+    """training batch size (MTIL, L13)"""
 
 
 CHOICES = {"feature_mode": ("covariance", "official_mean"), "weight_basis_side": ("input", "output"),
@@ -277,8 +256,8 @@ class KeepLoRA(nn.Module):
             self.heads[t].weight.copy_(F.normalize(class_means(self.vit, data.plain, classes), dim=1))
         self.init_from_gradient(self.estimate_gradient(data.plain))  # step 4 (adapters off), steps 5-6
         ks, ranks = [int(site.k) for _, _, site in self.sites()], [site.rank_used for _, _, site in self.sites()]
-        print(f"keep_lora task {t}: protected dims {min(ks)}-{max(ks)} of {self.vit.embed_dim} "
-              f"(mean {sum(ks) / len(ks):.1f}), LoRA rank {min(ranks)}-{max(ranks)} of {c.rank}")
+        print(f"keep_lora task {t}: protected dims {min(ks)}-{max(ks)} of {self.vit.embed_dim} (mean "
+              f"{sum(ks) / len(ks):.1f}), LoRA rank {min(ranks)}-{max(ranks)} of {c.rank}")
 
     def optimizer(self, steps_per_epoch: int):
         params = [p for p in self.parameters() if p.requires_grad]  # every B and head t
@@ -449,17 +428,14 @@ def grow_basis(Q: torch.Tensor, C: torch.Tensor, eps: float, rule: str = "offici
         return Q
     P = torch.eye(d, dtype=C.dtype, device=C.device) - Q @ Q.T
     C_hat = P @ C @ P
-    C_hat = (C_hat + C_hat.T) / 2
     c0 = float((E - torch.trace(C_hat)) / E)  # energy share already captured
     if c0 >= eps:
         return Q
-    lam, U = torch.linalg.eigh(C_hat)
+    lam, U = torch.linalg.eigh((C_hat + C_hat.T) / 2)
     lam, U = lam.flip(0).clamp_min(0), U.flip(1)  # descending: s_hat_i^2 and U_hat
     reach = c0 + lam.cumsum(0) / E
-    if k == 0:
-        m = first_basis_size(reach, eps, rule)
-    else:
-        m = int((reach < eps).sum()) + 1  # the smallest m with c0 + sum_{i<=m} s_hat_i^2 / E >= eps
+    # k > 0: the smallest m with c0 + sum_{i<=m} s_hat_i^2 / E >= eps; k = 0: the first basis, sized by `rule`
+    m = first_basis_size(reach, eps, rule) if k == 0 else int((reach < eps).sum()) + 1
     m = min(m, d - k, int((lam > 1e-12 * lam[0]).sum()))
     if m <= 0:
         return Q
@@ -470,9 +446,9 @@ def grow_basis(Q: torch.Tensor, C: torch.Tensor, eps: float, rule: str = "offici
 
 
 class FeatureStats:
-    """The feature matrix C (d x d, float64) of one input site over a task: 'covariance' C = sum over every token x
-    of x x^T; 'official_mean' C = R R^T, R = mean_b X_b^T / N_b, X_b the (N_b x d) token rows of batch b (MTIL's
-    running average of X_b^T, model/peft_modules.py L58-65), batches of another row count than the first skipped."""
+    """The feature matrix C (d x d, float64) of one input site over a task, (g): 'covariance' sums x x^T over every
+    token; 'official_mean' is R R^T, R = mean_b X_b^T / N_b over the (N_b x d) token rows X_b of each batch (MTIL's
+    running average, model/peft_modules.py L58-65), skipping batches of another row count than the first."""
 
     def __init__(self, mode: str):
         self.mode, self.total, self.batches = mode, None, 0
@@ -482,16 +458,14 @@ class FeatureStats:
         if self.mode == "covariance":
             self.total = X.T @ X if self.total is None else self.total + X.T @ X
         elif self.total is None or X.shape[0] == self.total.shape[1]:
-            self.total = X.T.clone() if self.total is None else self.total + X.T
-            self.batches += 1
+            self.total, self.batches = X.T.clone() if self.total is None else self.total + X.T, self.batches + 1
 
     def matrix(self) -> torch.Tensor:
         """C ('covariance') or R ('official_mean')."""
         return self.total if self.mode == "covariance" else self.total / (self.batches * self.total.shape[1])
 
     def gram(self) -> torch.Tensor:
-        M = self.matrix()
-        return M if self.mode == "covariance" else M @ M.T
+        return self.matrix() if self.mode == "covariance" else self.matrix() @ self.matrix().T
 
 
 def task_batches(loader, fraction: float = 1.0, drop_last: bool = False):

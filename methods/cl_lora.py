@@ -9,9 +9,8 @@ Official code: JiangpengHe/CL-LoRA @ df4e74e (a LAMDA-PILOT / EASE fork). "cllor
 Implements (A = down r x d, B = up d x r, delta W = B A; the official `lora_B` is our A and its `lora_A` our B,
 vit L38-39; l = split = depth // 2: 6 of 12 for ViT-B, 3 of 6 for vit_small32; t is 0-indexed, K_t classes
 before task t):
-    shared, block < l:   q += B_s A_s u,  v likewise                A_s frozen orthonormal, B_s = 0 at start,
-                                                                    B_s trained in every task (vit L710-718,
-                                                                    L346-351)
+    shared, block < l:   q += B_s A_s u,  v likewise;  A_s frozen orthonormal, B_s = 0 at start, trained in every
+                         task (vit L710-718, L346-351)
     specific, block >= l, branch i:  q += U_i[q, b] B_i A_i u,  v with row v (b = block - l; vit L103-111)
     orthonormal A: QR of U[0,1)^(d x r), A = Q^T (vit L41-45) or A = U V_r^T from the SVD of N(0,1)^(r x d) (Eq. 7)
     h(z) = sigma cos(z, w_c): a fresh local cosine classifier per task, w_c ~ U(+-1/sqrt d), sigma = 1, learned
@@ -21,69 +20,73 @@ before task t):
     L_kd   = lambda1 (-1/B) sum_b sum_c p^T_c log p^S_c,  p = softmax(h^t(e(x)) / tau)  (cllora.py L17-20, L357-364),
              e(x) = norm(s(x))[CLS] (early exit, vit L574-602), teacher e_T with the shared B of the end of task t-1,
              the same h^t for both (inc_net L1151-1154)
-    w_j    = d n_j / sum_j' n_j',  n_j = ||P[j, :]||, P = teacher B; KD gradient of B_s <- diag(w) grad
-             (Eq. 10; cllora.py L370-376)
+    w_j    = d n_j / sum_j' n_j',  n_j = ||P[j, :]||, P = teacher B; KD gradient of B_s <- diag(w) grad; d the
+             backbone's width (768 for ViT-B, 192 for vit_small32) (Eq. 10; cllora.py L370-376)
     L_orth = (1/t) sum_{i<t} |<vec U_t / (||U_t|| + eps), vec U_i / (||U_i|| + eps)>|, eps = 1e-8
              (the code's normalised form of Eq. 12; cllora.py L23-42, L378-380)
-    update (t >= 1), `kd_update = two_step` (cllora.py L366-385): step 1 on the reassigned grad of L_kd,
-             then step 2 on grad (L_ce + lambda2 L_orth); `joint`: one step on the sum (Eq. 13). t = 0: L_ce only
+    update (t >= 1): step 1 on the reassigned grad of L_kd, step 2 on grad (L_ce + lambda2 L_orth) (cllora.py
+             L351-385; `kd_update` below), or one step on the sum (`joint`, Eq. 13). t = 0: L_ce only
     p_c    = mean of f_t(x) over the training images of class c (test transforms), computed once after task t
              (cllora.py L94-134, L248, L258)
-    logit_c(x) = cos(f_i(x), p_c) for c in task i (linears L301-325; the inference sigma stays 1): the shared
-             trunk runs once, then the task branches batched along the batch dimension (Deviations)
+    logit_c(x) = cos(f_i(x), p_c) for c in task i (linears L301-325; the inference sigma stays 1)
 
-The two-step update goes through the contract's generator form of `loss`: it yields the KD loss, the caller
-steps, and the second loss comes from a fresh forward at the new weights. The KD student runs its own pass of
-the shared blocks in which every shared B enters through `ReassignGrad` (identity forward, rows of the incoming
-gradient scaled by w backward), so only the KD gradient that reaches the shared B is reassigned; the
-classifier's KD gradient and every CE gradient are untouched. `joint` computes CE and KD in one backward with
-the same two passes (the official code also forwards the shared blocks separately for KD, vit L574-602).
+Where the equations live: the adapters `SharedLoRA.forward`, `SpecificLoRA.forward`; s(x) `trunk`; f_i(x)
+`stacked_branches` (training: branch t; evaluation: all); A (Eq. 7) `orthonormal_rows`; h `CosineHead`; L_ce
+`ce_loss`; e(x), L_kd `early_exit`, `kd_loss`; w, reassignment (Eq. 10) `reassign_weights`, `ReassignGrad`;
+L_orth (Eq. 12) `orth_loss`, `orth_term`; the update (Eq. 13, two steps) `loss`, `two_steps`; p_c `end_task`;
+the logits `forward`, `proto_logits`. The adapters' modes (shared: student, KD or teacher B; specific: which
+branches) are set by `swapped` around each pass, and put back after it, also on an exception.
+
+The KD student runs its own pass of the shared blocks with every shared B behind `ReassignGrad` (identity forward,
+rows of the gradient scaled by w backward): only the KD gradient reaching the shared B is reassigned (the official
+code also forwards the shared blocks separately for KD, vit L574-602).
 
 Defaults: rank 10, split at half the depth, q and v (paper, Table 3 and Fig. 3; cifar.json L40-42);
 orth_init qr_uniform, lambda1 = 5, tau = 2, lambda2 = 1e-4, teacher logits not detached (cllora.py L358-364,
 L380); SGD momentum 0.9 (cllora.py L282-287), lr 0.03, weight decay 1e-4, batch 64, 30 epochs, cosine to 0
 stepped per epoch (cifar.json L15-23; cllora.py L305, L392-393), two optimiser steps per batch.
-The reassignment weights are normalised with the backbone's width d (768 for ViT-B, 192 for vit_small32).
+
+The two steps: `loss` yields L_kd, the caller steps, then it yields L_ce + lambda2 L_orth (L_orth after step 1,
+cllora.py L378-380); gradients are None before each step (torch 2.0's zero_grad), so step 1 moves only the shared
+B and h^t. The official code builds L_ce before step 1 (cllora.py L351-355) and back-propagates it after the step
+(L383-384). Under torch 2.0.1, the official README's pin, that backward reads the activations saved before the
+step and the stepped values of the parameters the graph saved (shared B, h^t's w and sigma): the update of the
+paper's numbers, `two_step_stale`; torch >= 2.1 rejects it ("modified by an inplace operation", CL-LoRA #1, #4).
+- `two_step` (default): L_ce from a fresh forward after step 1. It stays the default: its gradient is L_ce's at
+  the weights it moves, the stale mix is a side effect of the torch version that neither the paper (Eq. 13 is
+  one objective) nor the code describes, and this project's results use it.
+- `two_step_stale`: L_ce built before step 1 with each trainable parameter behind an `Alias` (its storage, its
+  own version counter), so the backward after step 1 reads the stepped values wherever the graph saved a
+  parameter, under any torch. It keeps the L_ce graph through step 1, as the official code does.
 
 Deviations:
-- `two_step` takes the gradient of step 2 from a fresh forward after step 1. The official code computes L_ce
-  before step 1 (cllora.py L351-355) and back-propagates through that pre-step graph after it (L383-384);
-  torch >= 2.1 rejects this ("modified by an inplace operation", CL-LoRA issues #1 and #4; the official README
-  pins torch 2.0.1, where that backward mixes pre-step activations with post-step weights). As there, the
-  gradients are set to None before each step (torch 2.0's zero_grad default), so step 1 moves only the
-  shared B and h^t: the parameters without a KD gradient get no momentum or weight-decay step from it.
+- The default update, `two_step`, is not the one the paper's numbers come from (`two_step_stale`, above).
 - Rank 10 (the paper's value) although the official CIFAR config uses 8 (cifar.json L27; `--rank 8` for parity).
 - The block weights U_t (3 x (L - l), rows q, k, v) are stored as one 3-vector per specific block (`mu`);
   the values, the init U(0.5, 1.5) and L_orth over all 3 (L - l) entries are the code's (vit L208-211).
 - If every row of the teacher B is zero, the reassignment weights are 1 (the official formula divides by 0).
-- Only the last teacher is kept (the code keeps one per task, vit L372-373); only the prototypes of each task's
-  own branch are stored; the off-diagonal prototype blocks (cllora.py L105-133) and the EASE leftovers
-  (`replace_fc_proxy`, `solve_similarity`, `solve_sim_reset`, cllora.py L88-92, L136-232) are skipped: the
-  forward never reads them (linears L301-325).
-  The local classifier of a finished task is dropped (never used for inference).
-- Evaluation runs the shared blocks 0..l-1 once and the t + 1 branches together: the trunk output repeated
-  t + 1 times along the batch goes once through each block l..L-1, slice i with its own B_i A_i and U_i
-  (batched matmuls with the stacked (t+1, 2r, d) A of q and v and (t+1, d, r) U_i[m, b] B_i;
-  `SpecificLoRA.stacked`), then each slice's prototype logits. The official evaluation (`test=True`:
-  cllora.py L414, L433; inc_net L1162-1163; vit L487-501) runs one full pass of all L blocks per task, the
-  shared blocks included (vit L420-485: the finished tasks' branches L437-463, the current task's L465-483).
-  The logits are the same up to float rounding. `--eval-images` (default 1024) caps the rows of a pass:
-  groups of k = max(1, 1024 // B) branches, ceil((t+1)/k) passes, so the activation memory of an evaluation
-  batch does not grow with t (0: all branches in one pass). Training runs one branch, as the official code
-  does (vit L377-418).
+- Only the last teacher is kept (the code keeps one per task, vit L372-373) and the prototypes of each task's own
+  branch; the off-diagonal prototype blocks (cllora.py L105-133) and the EASE leftovers (`replace_fc_proxy`,
+  `solve_similarity`, `solve_sim_reset`, cllora.py L88-92, L136-232) are skipped: the forward never reads them
+  (linears L301-325). The local classifier of a finished task is dropped.
+- Evaluation runs the shared blocks once, then blocks l..L-1 on the trunk output repeated along the batch, slice
+  i through branch i (batched matmuls); the official evaluation runs all L blocks once per task (cllora.py L414,
+  L433; inc_net L1162-1163; vit L420-501): the same logits up to rounding. `--eval-images` caps the rows of a
+  pass. No `merged()`: t + 1 branches do not fold into one backbone, so train.py evaluates `forward`.
 
 Run: python train.py --method cl_lora --tasks 10
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import attach, embed, features
+from backbone import attach, check_options, embed, features
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -98,7 +101,8 @@ class Config:
     orth_init: str = "qr_uniform"
     """orthonormal down-projections: 'qr_uniform' (official code) or 'svd_gaussian' (paper Eq. 7)"""
     kd_update: str = "two_step"
-    """'two_step': an optimiser step on the KD loss, then one on CE + L_orth (official); 'joint': one on the sum"""
+    """'two_step': a step on the KD loss, then one on CE + L_orth from a fresh forward; 'two_step_stale': the CE
+    graph built before the first step, as the official code ran under torch 2.0.1; 'joint': one step on the sum"""
     lambda_kd: float = 5.0
     """weight lambda1 of the early-exit distillation loss (official code)"""
     temperature: float = 2.0
@@ -121,33 +125,23 @@ class Config:
     """images per evaluation pass of the task branches: max(1, this // batch) branches run batched; 0 = all"""
 
 
-CHOICES = {"orth_init": ("qr_uniform", "svd_gaussian"), "kd_update": ("two_step", "joint")}
+CHOICES = {"orth_init": ("qr_uniform", "svd_gaussian"), "kd_update": ("two_step", "two_step_stale", "joint")}
 TARGETS = "qv"  # adapted slices of the fused qkv (official `msa` = [1, 0, 1], cifar.json L40)
 ROW = {"q": 0, "k": 1, "v": 2}  # rows of the block weights U
 
 
 def validate(cfg: Config, vit: nn.Module | None = None) -> None:
-    """Raise ValueError for a Config that cannot run; with `vit`, also check the bounds its shape sets."""
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
-                             f"(got {getattr(cfg, name)!r})")
-    for name, ok, rule in (("rank", cfg.rank >= 1, ">= 1"), ("split", cfg.split >= 0, ">= 0"),
-                           ("lambda_kd", cfg.lambda_kd >= 0, ">= 0"), ("temperature", cfg.temperature > 0, "> 0"),
-                           ("lambda_orth", cfg.lambda_orth >= 0, ">= 0"), ("lr", cfg.lr > 0, "> 0"),
-                           ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"),
-                           ("weight_decay", cfg.weight_decay >= 0, ">= 0"), ("epochs", cfg.epochs >= 0, ">= 0"),
-                           ("batch_size", cfg.batch_size >= 1, ">= 1"),
-                           ("eval_images", cfg.eval_images >= 0, ">= 0")):
-        if not ok:
-            raise ValueError(f"--{name.replace('_', '-')} must be {rule} (got {getattr(cfg, name)})")
-    if vit is not None:
-        d, depth = vit.embed_dim, len(vit.blocks)
-        if cfg.rank > d:
-            raise ValueError(f"--rank must be <= {d}, the width (got {cfg.rank})")
-        if not 1 <= (cfg.split or depth // 2) < depth:
-            raise ValueError(f"--split must be in [1, {depth - 1}] for a depth-{depth} backbone, or 0 "
-                             f"(got {cfg.split})")
+    """Raise ValueError for the first option of `cfg` that cannot run (with `vit`: also the bounds its shape sets)."""
+    d, depth = (vit.embed_dim, len(vit.blocks)) if vit is not None else (0, 0)
+    check_options(cfg, CHOICES, [
+        ("rank", cfg.rank >= 1, ">= 1"), ("rank", vit is None or cfg.rank <= d, f"<= {d}, the width"),
+        ("split", cfg.split >= 0, ">= 0"), ("split", vit is None or 1 <= (cfg.split or depth // 2) < depth,
+                                            f"in [1, {depth - 1}] for a depth-{depth} backbone, or 0"),
+        ("lambda_kd", cfg.lambda_kd >= 0, ">= 0"), ("temperature", cfg.temperature > 0, "> 0"),
+        ("lambda_orth", cfg.lambda_orth >= 0, ">= 0"), ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "> 0"),
+        ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("epochs", cfg.epochs >= 0, ">= 0"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("eval_images", cfg.eval_images >= 0, ">= 0")])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,11 +158,8 @@ class LoRA(nn.Module):
 
 
 class SharedLoRA(nn.Module):
-    """The task-shared adapter of one block < l, plus the teacher's B (the shared B of the previous task).
-
-    `source` picks the B of the forward: 'student' (B), 'kd' (B whose gradient is reassigned, Eq. 10)
-    or 'teacher'. The method sets it around each pass of the shared blocks.
-    """
+    """The task-shared adapter of one block < l, plus the teacher's B (the shared B of the previous task). `source`
+    picks the B of the forward: 'student' (B), 'kd' (B, its gradient reassigned: Eq. 10) or 'teacher' (`trunk`)."""
 
     def __init__(self, d: int, rank: int, orth_init: str):
         super().__init__()
@@ -184,54 +175,40 @@ class SharedLoRA(nn.Module):
     def forward(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         for m in TARGETS:
-            up = self.lora.B[m]
+            up = self.teacher(m) if self.source == "teacher" else self.lora.B[m]
             if self.source == "kd":
                 up = ReassignGrad.apply(up, reassign_weights(self.teacher(m)))  # Eq. 10, KD pass only
-            elif self.source == "teacher":
-                up = self.teacher(m)
             out[m] = F.linear(F.linear(u, self.lora.A[m]), up)  # shared: q += B_s A_s u
         return out
 
 
 class SpecificLoRA(nn.Module):
     """The task-specific adapters of one block >= l: one LoRA and one block-weight 3-vector (q, k, v) per task.
-
-    `active` is the branch of the forward (-1: none), or a range of branches whose inputs are stacked along the
-    batch: u = (n B, N, d), slice k (rows k B .. (k+1) B - 1) through branch active[k].
-    """
+    `active`: the range of branches of the forward (at rest the current task's), their inputs stacked along the
+    batch: u = (n B, N, d), slice k (rows k B .. (k+1) B - 1) through branch active[k] (`stacked_branches`)."""
 
     def __init__(self):
         super().__init__()
         self.branches = nn.ModuleList()
         self.mu = nn.ParameterList()  # mu[i] = U_i[:, b], this block's column of task i's block weights
-        self.active = -1
+        self.active = range(0)
 
     def forward(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
-        i = self.active
-        if isinstance(i, range):
-            return self.stacked(u, i)
-        if i < 0:
+        idx, shape = self.active, u.shape
+        if not idx:
             return {}
-        lora = self.branches[i]
-        return {m: self.mu[i][ROW[m]] * F.linear(F.linear(u, lora.A[m]), lora.B[m])  # q += U_i[q,b] B_i A_i u
-                for m in TARGETS}
-
-    def stacked(self, u: torch.Tensor, idx: range) -> dict[str, torch.Tensor]:
-        """Every branch i of idx on its own slice of u in batched products: one down-projection of the stacked
-        (n, |TARGETS| r, d) A of q and v, then per target one up-projection by the stacked (n, d, r) U_i[m, b] B_i."""
-        shape, n = u.shape, len(idx)
-        u = u.reshape(n, -1, shape[-1])  # (n, B N, d): slice k belongs to branch idx[k]
-        A = torch.cat([torch.stack([self.branches[i].A[m] for i in idx]) for m in TARGETS], dim=1)
-        z = (u @ A.mT).split(A.shape[1] // len(TARGETS), dim=-1)  # A_i u for q, then v: (n, B N, r) each
+        u = u.reshape(len(idx), -1, shape[-1])  # (n, B N, d): slice k belongs to branch idx[k]
         out = {}
-        for m, zm in zip(TARGETS, z):
-            B = torch.stack([self.mu[i][ROW[m]] * self.branches[i].B[m] for i in idx])  # (n, d, r)
-            out[m] = (zm @ B.mT).reshape(shape)  # U_i[m, b] B_i A_i u on slice i
+        for m in TARGETS:  # q += U_i[q, b] B_i A_i u on slice i, in batched products over the branches
+            A, B = (torch.stack([getattr(self.branches[i], X)[m] for i in idx]) for X in "AB")  # (n, r, d), (n, d, r)
+            U = torch.stack([self.mu[i][ROW[m]] for i in idx])[:, None, None]
+            out[m] = (U * ((u @ A.mT) @ B.mT)).reshape(shape)
         return out
 
 
 class CosineHead(nn.Module):
-    """logits = tau cos(f, w_c) over the classes of one task; tau a number (fixed) or an nn.Parameter (learned)."""
+    """logits = tau cos(f, w_c) over the classes of one task; tau a number (fixed) or an nn.Parameter (learned).
+    Computed in the head's own precision, also under autocast."""
 
     def __init__(self, d: int, n: int, tau: float | nn.Parameter):
         super().__init__()
@@ -239,7 +216,9 @@ class CosineHead(nn.Module):
         self.weight = nn.Parameter(torch.zeros(n, d))  # written by the method before training
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.tau * F.linear(F.normalize(f, dim=-1), F.normalize(self.weight, dim=-1))
+        with torch.autocast(f.device.type, enabled=False):
+            w = self.weight
+            return self.tau * F.linear(F.normalize(f.to(w.dtype), dim=-1), F.normalize(w, dim=-1))
 
 
 class ReassignGrad(torch.autograd.Function):
@@ -256,6 +235,19 @@ class ReassignGrad(torch.autograd.Function):
         return grad * w[:, None].to(grad.dtype), None
 
 
+class Alias(torch.autograd.Function):
+    """p's storage under a version counter of its own, the gradient passed to p: a graph that saves it reads the
+    values p holds at backward time, and a step on p in between is no error (`two_step_stale`)."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor) -> torch.Tensor:
+        return p.data
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
 # ----------------------------------------------------------------------------------------------------
 # Method
 
@@ -265,9 +257,7 @@ class CLLoRA(nn.Module):
         super().__init__()
         validate(cfg, vit)
         d, l = vit.embed_dim, cfg.split or len(vit.blocks) // 2
-        self.cfg = cfg
-        self.vit = vit
-        self.l = l
+        self.cfg, self.vit, self.l = cfg, vit, l
         for p in vit.parameters():
             p.requires_grad_(False)
         attach(vit, "qkv_adapter", lambda i, attn: SharedLoRA(d, cfg.rank, cfg.orth_init) if i < l else SpecificLoRA())
@@ -292,7 +282,7 @@ class CLLoRA(nn.Module):
             for i, (lora, mu) in enumerate(zip(a.branches, a.mu)):
                 lora.requires_grad_(i == t)
                 mu.requires_grad_(i == t)
-            a.active = t
+            a.active = range(t, t + 1)  # at rest: the current branch (features(vit, x) = f_t(x))
 
     def begin_task(self, t: int, classes: list[int], data) -> None:
         pass
@@ -305,7 +295,7 @@ class CLLoRA(nn.Module):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor):
         """L_ce at t = 0 (one step, cllora.py L355, L383-385); from t = 1 a generator of the two step losses
-        (`two_step`, cllora.py L366-385) or one tensor, L_ce + L_kd (reassigned) + lambda2 L_orth (`joint`, Eq. 13)."""
+        (`two_step`, `two_step_stale`) or one tensor, L_ce + L_kd (reassigned) + lambda2 L_orth (`joint`, Eq. 13)."""
         if self.task == 0:
             return self.ce_loss(x, y)
         if self.cfg.kd_update == "joint":
@@ -346,22 +336,27 @@ class CLLoRA(nn.Module):
         return len(self.offsets) - 2
 
     def two_steps(self, x: torch.Tensor, y: torch.Tensor):
-        """The official update of one batch (cllora.py L366-385): the caller steps after each yield."""
+        """The official update of one batch (cllora.py L351-385): the caller steps after each yield."""
+        stale = self.cfg.kd_update == "two_step_stale"
+        if stale:  # L_ce built before step 1, back-propagated after it (cllora.py L351-355, L383-384)
+            with swapped([(mod._parameters, k, Alias.apply(p)) for mod in self.modules()
+                          for k, p in mod._parameters.items() if p is not None and p.requires_grad]):
+                ce = self.ce_loss(x, y)  # every trainable parameter behind its Alias
         yield self.kd_loss(x)  # step 1: the reassigned KD gradient
-        yield self.ce_loss(x, y) + self.orth_term()  # step 2: a fresh forward at the weights after step 1
+        yield (ce if stale else self.ce_loss(x, y)) + self.orth_term()  # step 2 (two_step: a fresh forward)
 
     def ce_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """L_ce on the local labels through branch t and the local classifier (cllora.py L344-355)."""
         t = self.task
-        return F.cross_entropy(self.head(self.branch(self.trunk(x), t)), y - self.offsets[t])
+        f = self.stacked_branches(self.trunk(x), range(t, t + 1))[0]
+        return F.cross_entropy(self.head(f), y - self.offsets[t])
 
     def kd_loss(self, x: torch.Tensor) -> torch.Tensor:
         """lambda1 L_kd on the early exits, the student's shared-B gradient reassigned (cllora.py L357-376)."""
         with torch.no_grad():
             e_teacher = self.early_exit(self.trunk(x, "teacher"))
         z_teacher = self.head(e_teacher)  # not detached by default: h^t also learns from the teacher path
-        if self.cfg.detach_teacher:
-            z_teacher = z_teacher.detach()
+        z_teacher = z_teacher.detach() if self.cfg.detach_teacher else z_teacher
         z_student = self.head(self.early_exit(self.trunk(x, "kd")))
         tau = self.cfg.temperature
         return self.cfg.lambda_kd * soft_cross_entropy(z_student / tau, z_teacher / tau)  # no tau^2
@@ -373,47 +368,31 @@ class CLLoRA(nn.Module):
 
     def trunk(self, x: torch.Tensor, source: str = "student") -> torch.Tensor:
         """s(x): all tokens after the shared blocks 0..l-1, with the student's, the KD or the teacher's B."""
-        for a in self.shared:
-            a.source = source
-        h = embed(self.vit, x)
-        for blk in self.vit.blocks[: self.l]:
-            h = blk(h)
-        for a in self.shared:
-            a.source = "student"
+        with swapped([(vars(a), "source", source) for a in self.shared]):
+            h = embed(self.vit, x)
+            for blk in self.vit.blocks[: self.l]:
+                h = blk(h)
         return h
 
     def early_exit(self, s: torch.Tensor) -> torch.Tensor:
         """e(x): the final norm on the CLS token of the shared trunk (vit L590-591, L599-600)."""
         return self.vit.norm(s)[:, 0]
 
-    def branch(self, s: torch.Tensor, i: int) -> torch.Tensor:
-        """f_i(x): blocks l..L-1 with task i's specific adapters on the trunk output s, final norm, CLS."""
-        for a in self.specific:
-            a.active = i
-        h = s
-        for blk in self.vit.blocks[self.l:]:
-            h = blk(h)
-        for a in self.specific:
-            a.active = self.task
-        return self.vit.norm(h)[:, 0]
-
     def stacked_branches(self, s: torch.Tensor, idx: range) -> torch.Tensor:
-        """f_i(x) for every i in idx, (len(idx), B, d), in one pass of blocks l..L-1 on the trunk output
-        repeated along the batch (n B, N, d), each slice through its own branch; the same values as `branch`."""
+        """f_i(x) for every i in idx, (len(idx), B, d): blocks l..L-1 with branch i's adapters on the trunk output s,
+        final norm, CLS; in one pass on s repeated along the batch (n B, N, d), each slice through its own branch."""
         n, B, N, d = len(idx), *s.shape
-        for a in self.specific:
-            a.active = idx
-        h = s.repeat(n, 1, 1)  # rows k B .. (k+1) B - 1: branch idx[k]
-        for blk in self.vit.blocks[self.l:]:
-            h = blk(h)
-        for a in self.specific:
-            a.active = self.task
+        with swapped([(vars(a), "active", idx) for a in self.specific]):
+            h = s.repeat(n, 1, 1)  # rows k B .. (k+1) B - 1: branch idx[k]
+            for blk in self.vit.blocks[self.l:]:
+                h = blk(h)
         return self.vit.norm(h)[:, 0].reshape(n, B, d)
 
     def proto_logits(self, f: torch.Tensor, i: int) -> torch.Tensor:
-        """cos(f_i(x), p_c) for the classes c of task i (sigma = 1), in float32 even under autocast."""
+        """cos(f_i(x), p_c) for the classes c of task i (sigma = 1), in the prototypes' precision (also autocast)."""
+        p = getattr(self, f"protos_{i}")
         with torch.autocast(f.device.type, enabled=False):
-            return F.normalize(f.float(), dim=1) @ F.normalize(getattr(self, f"protos_{i}"), dim=1).T
+            return F.normalize(f.to(p.dtype), dim=1) @ F.normalize(p, dim=1).T
 
     def block_weights(self, i: int) -> torch.Tensor:
         """U_i, 3 x (L - l): rows q, k, v; column b = specific block l + b."""
@@ -426,22 +405,28 @@ Method = CLLoRA
 # Utilities
 
 
+@contextmanager
+def swapped(slots: list[tuple[dict, str, object]]):
+    """d[k] = v for every (d, k, v) of `slots` inside the block; the old values are put back after, also on an
+    exception (d: a module's vars() for its mode flags, its _parameters for `Alias`es)."""
+    old = [(d, k, d[k]) for d, k, _ in slots]
+    try:
+        for d, k, v in slots:
+            d[k] = v
+        yield
+    finally:
+        for d, k, v in old:
+            d[k] = v
+
+
 def orthonormal_rows(r: int, d: int, mode: str) -> torch.Tensor:
-    """A random r x d matrix with orthonormal rows, drawn from the global RNG."""
+    """A random r x d matrix with orthonormal rows, drawn from the global RNG: 'qr_uniform' the official reduced QR
+    of M ~ U[0,1)^(d x r), A = Q^T (vit L41-45); 'svd_gaussian' the paper's M ~ N(0,1)^(r x d) = U S V^T,
+    A = U V_r^T, the nearest matrix with orthonormal rows (Eq. 7)."""
     if mode == "qr_uniform":
-        return qr_rows(torch.rand(d, r, dtype=torch.float64)).float()
-    return polar_rows(torch.randn(r, d, dtype=torch.float64)).float()
-
-
-def qr_rows(M: torch.Tensor) -> torch.Tensor:
-    """Official init: reduced QR of M (d x r), A = Q^T (vit L41-45)."""
-    return torch.linalg.qr(M, mode="reduced")[0].T.contiguous()
-
-
-def polar_rows(M: torch.Tensor) -> torch.Tensor:
-    """Paper init: M (r x d) = U S V^T, A = U V_r^T, the nearest matrix with orthonormal rows (Eq. 7)."""
-    U, _, Vh = torch.linalg.svd(M, full_matrices=False)
-    return U @ Vh
+        return torch.linalg.qr(torch.rand(d, r, dtype=torch.float64), mode="reduced")[0].T.contiguous().float()
+    U, _, Vh = torch.linalg.svd(torch.randn(r, d, dtype=torch.float64), full_matrices=False)
+    return (U @ Vh).float()
 
 
 def reassign_weights(P: torch.Tensor) -> torch.Tensor:

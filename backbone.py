@@ -55,6 +55,7 @@ exist on both. `create("timm:<architecture>", weights)` builds a timm model (tim
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -291,16 +292,20 @@ def low_rank(x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor],
              scales: torch.Tensor | None = None) -> torch.Tensor | None:
     """sum_k s_k B_k (A_k x) over the components k as one product; None when there are none.
 
-    A_k (r_k, d_in) are down-projections, B_k (d_out, r_k) up-projections; `scales` (one per component, None
-    for all 1) multiply their components and keep their gradient. With A_cat (R, d_in) and B_cat (d_out, R) the
+    A_k (r_k, d_in) are down-projections, B_k (d_out, r_k) up-projections; `scales` (a tensor with one entry per
+    component, None for all 1) multiply their components and keep their gradient. The number of operations does
+    not grow with the number of components. With A_cat (R, d_in) and B_cat (d_out, R) the
     concatenations, this is x (B_cat diag(s) A_cat)^T, computed as (x A_cat^T)(B_cat diag(s))^T, or through the
     dense d_out x d_in matrix where that costs fewer multiply-adds per token (R (d_in + d_out) >= d_in d_out):
     the cost per token never exceeds one dense matrix, however many components there are.
     """
     if not A:
         return None
-    a = torch.cat(A)
-    b = torch.cat(B if scales is None else [b_k * s_k for b_k, s_k in zip(B, scales)], dim=1)
+    a, b = torch.cat(A), torch.cat(B, dim=1)
+    if scales is not None:  # every column times its component's scale: one repeat per run of equal ranks
+        runs = [(r, len(list(g))) for r, g in itertools.groupby(a_k.shape[0] for a_k in A)]
+        starts = itertools.accumulate([n for _, n in runs], initial=0)
+        b = b * torch.cat([scales[i:i + n].repeat_interleave(r) for (r, n), i in zip(runs, starts)])
     if a.shape[0] * (a.shape[1] + b.shape[0]) >= a.shape[1] * b.shape[0]:
         return F.linear(x, b @ a)
     return F.linear(F.linear(x, a), b)

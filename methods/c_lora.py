@@ -330,17 +330,11 @@ def cosine(total: int):
 @torch.no_grad()
 def class_means(encoder: nn.Module, loader, classes: list[int]) -> torch.Tensor:
     """Mean feature f(x) of every class in `classes` (rows in that order) over one pass of `loader`."""
-    lo = classes[0]
-    sums, counts = None, torch.zeros(len(classes), dtype=torch.float64)
-    was_training = encoder.training
+    was_training, device = encoder.training, next(encoder.parameters()).device
     encoder.eval()
-    device = next(encoder.parameters()).device
-    for x, y in loader:
-        f = features(encoder, x.to(device)).double().cpu()
-        if sums is None:
-            sums = torch.zeros(len(classes), f.shape[1], dtype=torch.float64)
-        sums.index_add_(0, y - lo, f)
-        counts.index_add_(0, y - lo, torch.ones(len(y), dtype=torch.float64))
+    f, y = zip(*[(features(encoder, x.to(device)).double().cpu(), y - classes[0]) for x, y in loader])
     encoder.train(was_training)
+    f, y = torch.cat(f), torch.cat(y)
+    counts = torch.bincount(y, minlength=len(classes))
     assert (counts > 0).all(), "a class of the task has no training image"
-    return (sums / counts[:, None]).float()
+    return (f.new_zeros(len(classes), f.shape[1]).index_add_(0, y, f) / counts[:, None]).float()

@@ -102,15 +102,13 @@ class Config:
     """size of the first basis (W_p, or the first feature basis when there is no W_p): 'official'
     p = max(1, #{cumulative energy < eps}); 'paper' the first p whose cumulative energy reaches eps"""
     b0_init: str = "svd"
-    """'svd': B_0 = U_r S_r with the W shift (paper; MTIL trainer/trainer.py L184-191, L205-207, L317); 'zero':
-    B_0 = 0, no shift (LLaVA code)"""
+    """'svd': B_0 = U_r S_r, W shifted (paper; trainer/trainer.py L184-191, L205-207, L317); 'zero': B_0 = 0 (LLaVA)"""
     grad_fraction: float = 1.0
     """share of the task's batches (evenly spaced) in the gradient estimate (MTIL: 1; LLaVA: 0.2)"""
     head_scale: float = 30.0
     """scale tau of the per-task cosine head (the KeepLoRA+ head, model/classifiers.py L34)"""
     lr: float = 1e-3
-    """AdamW learning rate, also the max_lr of OneCycleLR, stepped per batch with its beta_1 cycling (MTIL L14-16;
-    trainer/trainer.py L297-301, L355)"""
+    """AdamW learning rate, OneCycleLR's max_lr (per batch, beta_1 cycled; L14-16; trainer/trainer.py L297-301, L355)"""
     weight_decay: float = 0.01
     """AdamW weight decay on B and the head (MTIL, L14-16)"""
     epochs: int = 10
@@ -160,8 +158,7 @@ class Site(nn.Module):
         """s B A in float64, what (f) adds to W."""
         return self.scale * self.B.double() @ self.A.double()
 
-    def basis(self) -> torch.Tensor:
-        """The protected basis, (d_in, k), orthonormal columns."""
+    def basis(self) -> torch.Tensor:  # the protected basis, (d_in, k), orthonormal columns
         return self.Q[:, : int(self.k)]
 
     @torch.no_grad()
@@ -178,9 +175,8 @@ class Site(nn.Module):
 
 
 class Adapter(nn.Module):
-    """The sites reading one input x: q, k, v as `qkv_adapter` (x = norm1(h), the deltas of qkv's slices by name) or
-    o as `out_adapter` (x = proj's input, the delta of its output). While `stats` is set (end_task), every x is
-    added to it; while `active` is False (between tasks, after the merge), the adapter adds nothing."""
+    """The sites reading one input x: q, k, v (`qkv_adapter`, x = norm1(h)) or o (`out_adapter`, x = proj's input).
+    While `stats` is set (end_task) every x is added to it; while `active` is False (merged) it adds nothing."""
 
     def __init__(self, d: int, rank: int, scale: float, names: str):
         super().__init__()
@@ -274,9 +270,8 @@ class KeepLoRA(nn.Module):
         self.merge()  # step 8
         self.heads[t].requires_grad_(False)
         self.grow_bases(data.plain)  # step 9, with the merged model
-        ks = [int(site.k) for _, _, site in self.sites()]
-        print(f"keep_lora task {t}: bases grown to {min(ks)}-{max(ks)} of {self.vit.embed_dim} "
-              f"(mean {sum(ks) / len(ks):.1f})")
+        ks, d = [int(site.k) for _, _, site in self.sites()], self.vit.embed_dim
+        print(f"keep_lora task {t}: bases grown to {min(ks)}-{max(ks)} of {d} (mean {sum(ks) / len(ks):.1f})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = features(self.vit, x)
@@ -285,11 +280,9 @@ class KeepLoRA(nn.Module):
     def merged(self) -> nn.Module:
         """The inference model: the heads over a copy of the ViT with the active adapters' s B A folded into its
         weights as merge() does, (f), and no adapters (between tasks: the plain merged backbone)."""
-        def delta(i: int, m: str) -> torch.Tensor | None:
-            attn = self.vit.blocks[i].attn
-            a = attn.out_adapter if m == "o" else attn.qkv_adapter
-            return a.sites[m].delta() if a is not None and a.active and m in a.sites else None
-        return Merged(fold(self.vit, delta), copy.deepcopy(self.heads))
+        on = any(a.active for a in self.adapters())  # all on during a task, all off (merged) between tasks
+        deltas = {(attn, m): site.delta() for attn, m, site in self.sites()} if on else {}
+        return Merged(fold(self.vit, lambda i, m: deltas.get((self.vit.blocks[i].attn, m))), copy.deepcopy(self.heads))
 
     # -- helpers ---------------------------------------------------------------------------------
     def adapters(self) -> list[Adapter]:
@@ -346,8 +339,7 @@ class KeepLoRA(nn.Module):
     @torch.no_grad()
     def grow_bases(self, loader) -> None:
         """Collect every input site's features with the current (merged) model and grow its bases, (g)."""
-        device = self.vit.cls_token.device
-        adapters = self.adapters()
+        device, adapters = self.vit.cls_token.device, self.adapters()
         for a in adapters:
             a.stats = FeatureStats(self.cfg.feature_mode)
         try:
@@ -371,9 +363,7 @@ Method = KeepLoRA
 
 def target(attn: nn.Module, m: str) -> tuple[torch.Tensor, slice]:
     """The weight tensor holding matrix m and its rows: q, k, v are row blocks of the fused qkv, o is proj."""
-    if m == "o":
-        return attn.proj.weight, slice(None)
-    return attn.qkv.weight, qkv_rows(m, attn.proj.weight.shape[0])
+    return (attn.proj.weight, slice(None)) if m == "o" else (attn.qkv.weight, qkv_rows(m, attn.proj.weight.shape[0]))
 
 
 def first_basis_size(share: torch.Tensor, eps: float, rule: str) -> int:
@@ -384,9 +374,8 @@ def first_basis_size(share: torch.Tensor, eps: float, rule: str) -> int:
 
 
 def weight_basis(W: torch.Tensor, eps: float, side: str = "input", rule: str = "official") -> torch.Tensor:
-    """W_p, (b): the leading singular vectors of W (d_out x d_in) holding the energy share eps: right ones (in
-    R^{d_in}) for side 'input', left ones for 'output' (MTIL; square W only); none if eps <= 1e-8
-    (model/prin_subspace.py L16)."""
+    """W_p, (b): the leading singular vectors of W (d_out x d_in) holding the energy share eps: right ones for side
+    'input', left ones for 'output' (MTIL; square W only); none if eps <= 1e-8 (model/prin_subspace.py L16)."""
     d_out, d_in = W.shape
     if eps <= 1e-8:
         return W.new_zeros(d_in, 0)
@@ -398,10 +387,9 @@ def weight_basis(W: torch.Tensor, eps: float, side: str = "input", rule: str = "
 
 
 def residual_lora_init(G: torch.Tensor, Q: torch.Tensor, rank: int, tol: float = 1e-8):
-    """(A (rank x d_in), B_0 (d_out x rank), r_used) from G_hat = G (I - Q Q^T), (c)-(d), for G the weight's gradient
-    (d_out x d_in; the official code works on its transpose) and Q (d_in x k). Only A's first r_used = min(rank,
-    d_in - k, numerical rank of G_hat) rows are non-zero, none if G_hat holds <= `tol` of G's energy; they are
-    orthonormal and orthogonal to span(Q), and B_0 A is a best rank-r_used approximation of G_hat."""
+    """(A (rank x d_in), B_0, r_used) from G_hat = G (I - Q Q^T), (c)-(d), G (d_out x d_in) the weight's gradient (the
+    code works on its transpose), Q (d_in x k): A's first r_used = min(rank, d_in - k, rank of G_hat) rows (none if
+    G_hat holds <= `tol` of G's energy) are orthonormal, orthogonal to span(Q); B_0 A best approximates G_hat."""
     d_out, d_in = G.shape
     A, B0 = G.new_zeros(rank, d_in), G.new_zeros(d_out, rank)
     G_hat = G - (G @ Q) @ Q.T  # (c)
@@ -470,9 +458,8 @@ class FeatureStats:
 
 def task_batches(loader, fraction: float = 1.0, drop_last: bool = False):
     """The loader's batches; fraction < 1 keeps evenly spaced ones; drop_last skips a short batch after the first."""
-    n = len(loader)
+    n, size = len(loader), None
     keep = set(torch.linspace(0, n - 1, max(1, math.ceil(fraction * n))).round().long().tolist())
-    size = None
     for i, (x, y) in enumerate(loader):
         if i not in keep or (drop_last and size is not None and len(y) != size):
             continue
@@ -483,17 +470,11 @@ def task_batches(loader, fraction: float = 1.0, drop_last: bool = False):
 @torch.no_grad()
 def class_means(encoder: nn.Module, loader, classes: list[int]) -> torch.Tensor:
     """Mean feature f(x) of every class in `classes` (rows in that order) over one pass of `loader`."""
-    lo = classes[0]
-    sums, counts = None, torch.zeros(len(classes), dtype=torch.float64)
-    was_training = encoder.training
+    was_training, device = encoder.training, next(encoder.parameters()).device
     encoder.eval()
-    device = next(encoder.parameters()).device
-    for x, y in loader:
-        f = features(encoder, x.to(device)).double().cpu()
-        if sums is None:
-            sums = torch.zeros(len(classes), f.shape[1], dtype=torch.float64)
-        sums.index_add_(0, y - lo, f)
-        counts.index_add_(0, y - lo, torch.ones(len(y), dtype=torch.float64))
+    f, y = zip(*[(features(encoder, x.to(device)).double().cpu(), y - classes[0]) for x, y in loader])
     encoder.train(was_training)
+    f, y = torch.cat(f), torch.cat(y)
+    counts = torch.bincount(y, minlength=len(classes))
     assert (counts > 0).all(), "a class of the task has no training image"
-    return (sums / counts[:, None]).float()
+    return (f.new_zeros(len(classes), f.shape[1]).index_add_(0, y, f) / counts[:, None]).float()

@@ -41,8 +41,7 @@ Deviations:
   backbone/linears.py L27-29); the code grows one head and copies the old rows (utils/inc_net.py L276-283), whose
   old rows get no gradient under the masked loss and, with weight decay 0, stay unchanged as the old heads here do.
   With --weight-decay > 0 the code would also decay the old rows.
-- The paper's Adam, alpha = 1, unit-Frobenius normalisation and persistent magnitudes are flags (optimizer,
-  alpha_init, norm_mode, magnitudes).
+- The paper's values are flags: optimizer adam, alpha_init 1, norm_mode frob (unit Frobenius), magnitudes carry.
 - -KD is a reconstruction: the target is the applied update s_t B_t A_t and the fit is global over all matrices, so
   that the shared magnitudes stay shared and the absorption preserves the function up to rho.
   kd_target="direction" fits the normalised direction instead (paper-literal Eq. 8, not function-preserving).
@@ -175,25 +174,28 @@ class Adapter(nn.Module):
         self.comps = nn.ModuleList()
         self._mags = (mags,)  # a tuple: the shared magnitudes are registered once, in the Method
 
-    def frozen(self, m: str) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """A_k, B_k / nu_k^m and s_k of the kept frozen components k < t: w_k = s_k / nu_k, 0 where nu_k = 0."""
+    def frozen(self, m: str) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """A_k, B_k and w_k = s_k / nu_k^m (0 where nu_k = 0) of the kept frozen components k < t."""
         mags, cs = self._mags[0], self.comps
-        inv = inverse_norm(torch.stack([c.nu["qv".index(m)] for c in cs])).unbind()  # 1 / nu_k^m, one op for all k
-        s, ks = mags.scales().unbind(), [k for k in range(len(cs) - 1) if mags.kept_list[k]]
-        return [cs[k].A[m] for k in ks], [cs[k].B[m] * inv[k] for k in ks], [s[k] for k in ks]
+        ks = [k for k in range(len(cs) - 1) if mags.kept_list[k]]
+        s = mags.scales().unbind()
+        w = torch.stack([s[k] for k in ks]) * inverse_norm(torch.stack([cs[k].nu["qv".index(m)] for k in ks])) \
+            if ks else None
+        return [cs[k].A[m] for k in ks], [cs[k].B[m] for k in ks], w
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out, c = {}, self.comps[-1]  # an absorbed current component (-KD, zeroed factors) adds exactly 0
         for m in self.targets:
             current = F.linear(F.linear(x, c.A[m]), c.B[m] * self._mags[0].scales()[-1])  # s_t B_t (A_t x)
-            frozen = low_rank(x, *self.frozen(m))  # sum_{k<t} s_k (B_k / nu_k) (A_k x), one product
+            frozen = low_rank(x, *self.frozen(m))  # sum_{k<t} w_k B_k (A_k x), one product
             out[m] = current if frozen is None else frozen + current
         return out
 
     def delta(self, m: str) -> torch.Tensor:
-        """The (d x d) update of W^m that forward applies: sum_{k<t} s_k (B_k / nu_k) A_k + s_t B_t A_t."""
-        c = self.comps[-1]
-        return sum((s * (b @ a) for a, b, s in zip(*self.frozen(m))), self._mags[0].scales()[-1] * (c.B[m] @ c.A[m]))
+        """The (d x d) update of W^m that forward applies: sum_{k<t} w_k B_k A_k + s_t B_t A_t."""
+        c, (A, B, w) = self.comps[-1], self.frozen(m)
+        return sum((w_k * (b @ a) for a, b, w_k in zip(A, B, [] if w is None else w.unbind())),
+                   self._mags[0].scales()[-1] * (c.B[m] @ c.A[m]))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -324,3 +324,67 @@ def test_block_cls_matches_running_the_trunk():
     for blk in vit.blocks[:2]:
         h = blk(h)
     torch.testing.assert_close(cls[:, 1], vit.norm(h)[:, 0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# low_rank, fold, Merged, check_options: the helpers the methods share
+
+
+@pytest.mark.parametrize("ranks", [[3], [4, 4, 4], [4, 4, 3, 3, 2], [10, 10, 8]])  # R < 16 low-rank, >= 16 dense
+@pytest.mark.parametrize("scaled", [False, True])
+def test_low_rank_is_the_sum_of_its_components(ranks, scaled):
+    """low_rank(x, A, B, s) = sum_k s_k B_k (A_k x) in value and in the gradient of every scale and factor
+    (float64), in the low-rank regime and the dense one (R (d_in + d_out) >= d_in d_out, here R >= 16)."""
+    g = torch.Generator().manual_seed(sum(ranks) + scaled)
+    d = 32
+    A = [torch.randn(r, d, generator=g, dtype=torch.float64, requires_grad=True) for r in ranks]
+    B = [torch.randn(d, r, generator=g, dtype=torch.float64, requires_grad=True) for r in ranks]
+    s = (torch.rand(len(ranks), generator=g, dtype=torch.float64) + 0.5).requires_grad_(scaled)
+    x = torch.randn(2, 5, d, generator=g, dtype=torch.float64)
+    ours = bb.low_rank(x, A, B, s if scaled else None)
+    loop = sum((s_k if scaled else 1) * (x @ a.T @ b.T) for a, b, s_k in zip(A, B, s))
+    torch.testing.assert_close(ours, loop, atol=1e-12, rtol=1e-12)
+    inputs = A + B + ([s] if scaled else [])
+    for u, v in zip(torch.autograd.grad(ours.square().sum(), inputs), torch.autograd.grad(loop.square().sum(), inputs)):
+        torch.testing.assert_close(u, v, atol=1e-10, rtol=1e-10)
+    assert bb.low_rank(x, [], []) is None
+
+
+def test_fold_writes_the_deltas_into_a_plain_copy():
+    """fold adds delta(i, m) to the rows of m (q, k, v of the fused qkv, o = proj) of a copy without adapters;
+    the original keeps its adapters and weights; Merged concatenates the heads on the copy's f(x)."""
+    vit = perturbed_vit()
+    bb.attach(vit, "qkv_adapter", lambda i, attn: nn.Identity())  # any module: fold must drop it
+    before = copy.deepcopy(vit.state_dict())
+    d = vit.embed_dim
+    g = torch.Generator().manual_seed(3)
+    deltas = {(i, m): torch.randn(d, d, generator=g) for i in range(len(vit.blocks)) for m in "qvo" if (i + len(m)) % 2}
+    plain = bb.fold(vit, lambda i, m: deltas.get((i, m)))
+    assert all(blk.attn.qkv_adapter is None for blk in plain.blocks)
+    assert all(blk.attn.qkv_adapter is not None for blk in vit.blocks)
+    assert all(torch.equal(v, before[k]) for k, v in vit.state_dict().items())
+    for i, (blk, own) in enumerate(zip(plain.blocks, vit.blocks)):
+        for m in "qkvo":
+            new = blk.attn.proj.weight if m == "o" else blk.attn.qkv.weight[bb.qkv_rows(m, d)]
+            old = own.attn.proj.weight if m == "o" else own.attn.qkv.weight[bb.qkv_rows(m, d)]
+            torch.testing.assert_close(new, old + deltas.get((i, m), 0), atol=0, rtol=0)
+    heads = nn.ModuleList([nn.Linear(d, 3), nn.Linear(d, 2)])
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        f = bb.features(plain, x)
+        torch.testing.assert_close(bb.Merged(plain, heads)(x), torch.cat([heads[0](f), heads[1](f)], 1))
+
+
+def test_check_options_names_the_first_bad_field():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg:
+        mode: str = "a"
+        rank: int = 1
+
+    bb.check_options(Cfg(), {"mode": ("a", "b")}, [("rank", True, ">= 1")])
+    with pytest.raises(ValueError, match=r"^--mode must be one of a, b \(got 'c'\)$"):
+        bb.check_options(Cfg(mode="c", rank=0), {"mode": ("a", "b")}, [("rank", False, ">= 1")])
+    with pytest.raises(ValueError, match=r"^--rank must be >= 1 \(got 0\)$"):
+        bb.check_options(Cfg(rank=0), {"mode": ("a", "b")}, [("rank", False, ">= 1")])

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from finished_run import open_run, scores, write_json
 import train  # noqa: E402  (finished_run puts the repository on the path)
-import methods.cl_lora as cl  # noqa: E402
 
 
 @torch.no_grad()
@@ -27,17 +26,17 @@ def main() -> None:
     stored = [getattr(m, f"protos_{i}").clone() for i in range(k)]
     fresh = []
     for i in range(k):  # what end_task computed, with the final shared adapters and branch i
-        for s in m.specific:
-            s.active = i
-        fresh.append(cl.class_means(m.vit, stream.task_data(i).plain, stream.tasks[i]))
-    for s in m.specific:
-        s.active = m.task
+        f, y = zip(*[(m.stacked_branches(m.trunk(x), range(i, i + 1))[0].double(), y)
+                     for x, y in stream.task_data(i).plain])
+        f, y = torch.cat(f), torch.cat(y) - stream.tasks[i][0]
+        fresh.append((f.new_zeros(len(stream.tasks[i]), f.shape[1]).index_add_(0, y, f)
+                      / torch.bincount(y, minlength=len(stream.tasks[i]))[:, None]).float())
     cos = [F.cosine_similarity(stored[i], fresh[i], dim=1) for i in range(k)]
     preds = {"stored": [], "fresh": []}
     labels = []
     for x, y in stream.test_loader(k - 1, 0, 1):
         t = m.trunk(x)
-        f = torch.stack([m.branch(t, i) for i in range(k)])  # (k, B, d): f_i(x) of every branch
+        f = m.stacked_branches(t, range(k))  # (k, B, d): f_i(x) of every branch
         for name, protos in (("stored", stored), ("fresh", fresh)):
             z = torch.cat([F.normalize(f[i], dim=1) @ F.normalize(protos[i], dim=1).T for i in range(k)], dim=1)
             preds[name].append(z.argmax(1))

@@ -57,7 +57,7 @@ def test_ncm_probe_scores_the_runs_classifier_as_the_run_did(runs, tmp_path):
 def test_ncm_probe_refuses_a_method_without_a_folded_backbone(runs, tmp_path):
     r = probe("ncm_probe.py", runs["cl_lora"][0], tmp_path)
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == ["error: cl_lora does not evaluate through a folded backbone"]
+    assert r.stderr.strip().splitlines() == ["error: cl_lora does not evaluate through a folded backbone (it has no merged())"]
 
 
 def test_cl_lora_proto_probe_stored_prototypes_are_the_runs(runs, tmp_path):

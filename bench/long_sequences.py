@@ -117,12 +117,11 @@ EXPECTED = {
                 + v.embed_dim * n[-1] + 1),
     # Fixed, per adapted matrix: A, B (2·r·d), R_delta and R_old (2·r²); Q_old is not saved ("The adapter's size
     # is fixed ... only the classifier grows"). Head: cosine (d per class, no bias) by default, a Linear (d + 1)
-    # otherwise; --ca adds the N·d + N·d² class statistics.
+    # otherwise.
     "c_lora": ("0 + d·n_t (cosine head)",
                "methods/c_lora.py header: Implements (the adapter's size is fixed); LoRASite",
                lambda c, v, N, n: v.depth * len(c.targets) * (2 * c.rank * v.embed_dim + 2 * c.rank ** 2)
-               + (v.embed_dim + (c.head != "cosine_proto")) * sum(n)
-               + (N * v.embed_dim * (1 + v.embed_dim) if c.ca else 0)),
+               + (v.embed_dim + (c.head != "cosine_proto")) * sum(n)),
     # Fixed, per adapted matrix: B (r·d, merged into the backbone and zeroed after each task), the basis Q
     # (d x d, fixed shape) and its width k; A is not saved. A cosine head, d per class.
     "keep_lora": ("0 + d·n_t (cosine head)", "methods/keep_lora.py header: Per task t; Site buffers Q, k",

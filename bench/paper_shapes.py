@@ -155,12 +155,10 @@ EXPECTED = {
                 lambda c, d, L, N, n: (c.split or L // 2) * 3 * 2 * d * c.rank
                 + sum((L - (c.split or L // 2)) * (4 * d * c.rank + 3) + d * k for k in n) + d * n[-1] + 1),
     # fixed: per adapted matrix A, B (2·r·d), R_delta and R_old (2·r²); a cosine head (d per class, or a
-    # Linear d+1); with --classifier-alignment the class statistics
+    # Linear d+1)
     "c_lora": ("L·|targets|·(2·r·d + 2·r²) + d·n_t",
                lambda c, d, L, N, n: L * len(c.targets) * (2 * c.rank * d + 2 * c.rank ** 2)
-               + (d + (c.head != "cosine_proto")) * sum(n)
-               + (_ca_stats(N, d) if getattr(c, "classifier_alignment", False) or getattr(c, "ca", False) is True
-                  else 0)),
+               + (d + (c.head != "cosine_proto")) * sum(n)),
     # fixed: per adapted matrix B (r·d, merged and zeroed each task), the basis Q (d x d) and its width;
     # a cosine head, d per class
     "keep_lora": ("L·|targets|·(r·d + d² + 1) + d·n_t",

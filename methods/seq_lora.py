@@ -6,12 +6,12 @@ Code followed: liangyanshuo/InfLoRA @ e08b00e (LoRA, optimiser, schedule: the ba
 sun-hailong/LAMDA-PILOT @ 2647455 `models/finetune.py` (the masked, local loss).
 
 Implements (A = down-projection r x d, B = up-projection d x r):
-    W_m <- W_m + B_m A_m  for m in the targets (q and v) of every block, one (A, B) shared by all tasks
+    W_m <- W_m + B_m A_m  for m in the targets (q, v) of every block, one (A, B) for all tasks: `Adapter`
     A: Kaiming-uniform (a = sqrt 5), B: 0, no alpha/r scaling (InfLoRA models/vit_inflora.py L202-207)
     loss "local":  CE(h_t(f(x)), y - K_t), the reported SeqLoRA (PILOT models/finetune.py L137-139;
-                   InfLoRA methods/inflora.py L220-225)
-    loss "full":   CE([h_0; ...; h_t](f(x)), y)    (plain CE over every seen class)
-    inference:     argmax over [h_0(f); ...; h_t(f)], no task id
+                   InfLoRA methods/inflora.py L220-225): `loss`
+    loss "full":   CE([h_0; ...; h_t](f(x)), y)    (plain CE over every seen class): `loss`
+    inference:     argmax over [h_0(f); ...; h_t(f)], no task id: `forward`, `merged`
     Adam (0.9, 0.999), lr 5e-4, wd 0, batch 128, 20 epochs (InfLoRA configs/cifar100_inflora.json, methods/inflora.py
     L178-180); epoch cosine eta_e = eta_0 cos(99 pi max(e - 1, 0) / (200 (E - 1))), e = 0..E-1 (`inflora_cosine`)
 The LoRA is never frozen, never expanded, and trained on task after task with a new optimiser per task.

@@ -34,8 +34,7 @@ Where the equations live:
     (1) Adapter.forward (branches s < t as one `backbone.low_rank` product, then B_t (A_t x)); InfLoRA.merged
     (2) Adapter.forward while `recording`, InfLoRA.input_moments   (3) project   (4) design_down, InfLoRA.begin_task
     (5) InfLoRA.grow (what trains), loss, optimizer, inflora_cosine   (6) InfLoRA.end_task, threshold, memory_update
-    (7) InfLoRA.forward, merged   (8) class_statistics, InfLoRA.align_heads (mean_decay, gaussian_replay,
-        task_normalised)
+    (7) InfLoRA.forward, merged  (8) class_statistics, InfLoRA.align_heads, mean_decay, gaussian_replay, task_normalised
 
 Defaults (configs/cifar100_inflora.json): r = 10 on K and V of every block; Adam (0.9, 0.999), lr 5e-4, wd 0, batch
 128, 20 epochs (L178-180); the epoch cosine eta_e = eta_0 cos(99 pi max(e - 1, 0) / (200 (E - 1))) for e = 0..E-1
@@ -57,10 +56,9 @@ Deviations:
 - Heads are sized per task (the code's heads all have init_cls rows, models/sinet_inflora.py L72-77), which makes
   uneven splits work. The K-means task keys of the code (L84, L248-263; unused at inference) are omitted.
 - The code forms the dense sum_s B_s A_s of every branch in every forward (models/vit_inflora.py L245-249). Here the
-  frozen branches s < t enter as one product (`backbone.low_rank`, the targets' B_s stacked on the shared A_s), the
-  current one as B_t (A_t x): the same function up to float rounding, at a cost that does not grow with the tasks.
-  train.py evaluates `merged()`: sum_s B_s^m A_s written into the qkv rows of a copy of the ViT, one plain backbone
-  forward; the logits of `forward` up to rounding. `merge()` folds in place.
+  frozen branches s < t enter as one product (`backbone.low_rank`), the current one as B_t (A_t x): the same
+  function up to float rounding. train.py evaluates `merged()`: sum_s B_s^m A_s written into the qkv rows of a copy
+  of the ViT, one plain backbone forward. `merge()` folds in place.
 - CA: gamma_c uses the task that introduced class c; the code takes c // |last task| (L431), the same for equal
   tasks. Sigma_c is stored in float32 and its Cholesky factor of Sigma_c + 1e-4 I computed in float64 (the code:
   MultivariateNormal in float32, L436). Samples come from torch's global generator (seeded by train.py).
@@ -184,8 +182,10 @@ class Adapter(nn.Module):
         if len(self.A) == 0:
             return {}
         A, B = list(self.A), list(self.B)
-        # the frozen branches s < t as one product for all targets (A_s is shared: the targets' B_s^m are stacked)
-        old = low_rank(x, A[:-1], [torch.cat([b[m] for m in self.targets]) for b in B[:-1]])
+        # the frozen branches s < t as one product for all targets: A_s is shared, so the targets' [B_0^m ... B_{t-1}^m]
+        # are stacked by rows over A_cat = [A_0; ...; A_{t-1}]
+        B_cat = [torch.cat([torch.cat([b[m] for b in B[:-1]], dim=1) for m in self.targets])] if len(B) > 1 else []
+        old = low_rank(x, [torch.cat(A[:-1])] if B_cat else [], B_cat)
         h = F.linear(x, A[-1])  # the current branch t
         new = {m: F.linear(h, B[-1][m]) for m in self.targets}
         return new if old is None else {m: o + new[m] for m, o in zip(self.targets, old.split(self.d, dim=-1))}

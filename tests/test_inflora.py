@@ -363,7 +363,7 @@ def branch_loop(ad):
 @pytest.mark.parametrize("rank, dense", [(4, False), (12, True)])
 def test_stacked_training_forward_equals_the_branch_loop(rank, dense, monkeypatch):
     """In task 3, the frozen branches 0 and 1 enter as one backbone.low_rank call per block, their shared A_s once
-    for k and v (B_s^k and B_s^v stacked: 2d x r); low_rank runs it as a low-rank product (R = 8: 8 (32 + 64) <
+    for k and v (the concatenated B^k and B^v stacked by rows: 2d x 2r); low_rank runs it as a low-rank product (R = 8: 8 (32 + 64) <
     32 * 64) or as a dense delta (R = 24). Logits, loss and the gradient of every trainable tensor equal those of the
     loop over branches (float64, atol 1e-5), and nothing stacked is in the state dict."""
     torch.manual_seed(0)
@@ -388,9 +388,9 @@ def test_stacked_training_forward_equals_the_branch_loop(rank, dense, monkeypatc
 
     stacked = run()
     assert len(calls) == 2 * len(m.adapters)  # one call per block and forward
-    for (A, B), ad in zip(calls, m.adapters):
-        assert len(A) == len(B) == 2 and all(a is a_s for a, a_s in zip(A, ad.A))
-        assert all(torch.equal(b, torch.cat([B_s["k"], B_s["v"]])) for b, B_s in zip(B, ad.B))
+    for (A, B), ad in zip(calls, m.adapters):  # one block of R = 2 r columns: [A_0; A_1] and [B^k_cat; B^v_cat]
+        assert len(A) == len(B) == 1 and torch.equal(A[0], torch.cat([ad.A[0], ad.A[1]]))
+        assert torch.equal(B[0], torch.cat([torch.cat([ad.B[0][m], ad.B[1][m]], dim=1) for m in "kv"]))
     for ad in m.adapters:
         ad.forward = branch_loop(ad)
     try:

@@ -1,30 +1,23 @@
-"""Train and evaluate one class-incremental LoRA method: the CLI and the task loop.
+"""Train and evaluate one class-incremental LoRA method: the CLI, the presets, the task loop and evaluation.
 
     python train.py --method cl_lora --tasks 10                      # the paper setting (GPU, ViT-B/16)
     python train.py --method seq_lora --preset cpu --tasks 10 --data-root DIR   # CIFAR-100, 32 px, 2 cores
-    python train.py --method simple_cil --preset smoke --tasks 5     # offline, seconds
+    python train.py --method simple_cil --preset smoke               # offline, seconds
     python train.py --method sd_lora --preset cpu --help             # every option, with the value it takes
     python train.py --resume runs/<run>                              # continue after the last finished task
 
-Reads top to bottom: metrics, options and presets, the CLI, the checkpoint, training and evaluation,
-outputs, the run, main. The method contract is in methods/__init__.py; torchrun support in distributed.py.
+The method contract is in methods/__init__.py; the run directory (checkpoint, lock, outputs) in runs.py; the
+metrics in metrics.py; torchrun support in distributed.py.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import dataclasses
-import datetime
-import fcntl
-import hashlib
-import inspect
-import json
 import os
 import random
 import re
 import shlex
-import subprocess
 import sys
 import time
 
@@ -34,62 +27,10 @@ import torch
 import backbone as bb
 import data as cil_data
 import distributed
+import runs
+from metrics import accuracy_curve, summary
+from runs import UsageError
 from methods import METHODS
-
-# ----------------------------------------------------------------------------------------------------
-# Metrics: pure functions of the accuracy matrix. acc[t][j] is the accuracy (%) after task t on the test
-# images of task j (j <= t), n[j] the number of those images. Tasks are 0-indexed here.
-
-
-def _square(acc) -> np.ndarray:
-    a = np.full((len(acc), len(acc)), np.nan)
-    for t, row in enumerate(acc):
-        a[t, : len(row)] = row[: t + 1]
-    return a
-
-
-def accuracy_curve(acc, n) -> list[float]:
-    """a_t: per-sample accuracy over all seen classes, sum_j n_j a_tj / sum_j n_j."""
-    a, n = _square(acc), np.asarray(n, dtype=np.float64)
-    return [float(np.dot(a[t, : t + 1], n[: t + 1]) / n[: t + 1].sum()) for t in range(len(a))]
-
-
-def last_accuracy(acc, n) -> float:
-    """A_T = a_T."""
-    return accuracy_curve(acc, n)[-1]
-
-
-def average_incremental_accuracy(acc, n) -> float:
-    """A-bar = (1/T) sum_t a_t, stage 1 included."""
-    return float(np.mean(accuracy_curve(acc, n)))
-
-
-def forgetting(acc) -> float:
-    """Chaudhry: mean over j < T of max_{t in [j, T-1)} a_tj - a_Tj (0 for one task)."""
-    a, T = _square(acc), len(acc)
-    return float(np.mean([a[j : T - 1, j].max() - a[T - 1, j] for j in range(T - 1)])) if T > 1 else 0.0
-
-
-def forgetting_pilot(acc) -> float:
-    """PILOT: the max also runs over the last row, so every term is >= 0."""
-    a, T = _square(acc), len(acc)
-    return float(np.mean([a[j:T, j].max() - a[T - 1, j] for j in range(T - 1)])) if T > 1 else 0.0
-
-
-def backward_transfer(acc) -> float:
-    """BWT = mean over j < T of a_Tj - a_jj."""
-    a, T = _square(acc), len(acc)
-    return float(np.mean([a[T - 1, j] - a[j, j] for j in range(T - 1)])) if T > 1 else 0.0
-
-
-def summary(acc, n) -> dict:
-    return {"curve": accuracy_curve(acc, n), "last_acc": last_accuracy(acc, n),
-            "avg_inc_acc": average_incremental_accuracy(acc, n), "forgetting": forgetting(acc),
-            "forgetting_pilot": forgetting_pilot(acc), "bwt": backward_transfer(acc)}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Options and presets
 
 
 # name: (default, help). A preset fills in the ones it names (presets() below); the parser shows them all.
@@ -123,7 +64,7 @@ CHOICES = {"preset": ("paper", "cpu", "smoke"), "dataset": cil_data.DATASETS, "a
 METHOD_KEYS = ("epochs", "batch_size", "lr")  # method options a preset may set
 # options that may differ on --resume: not properties of the run (the weights are checked by content hash)
 RESUME_FREE = {"resume", "device", "workers", "quiet", "out", "eval_batch_size", "data_root", "stop_after", "weights"}
-PROGRESS_SECONDS = 10.0
+PROGRESS_SECONDS = 10.0  # a progress line this often where stdout is not a terminal
 
 
 def presets(method: str | None) -> dict:
@@ -138,7 +79,7 @@ def presets(method: str | None) -> dict:
                     dataset="cifar100", amp="none", normalize="weights", train_aug="rrc", workers=0, epochs=3,
                     batch_size=64),
         "smoke": dict(backbone="vit_tiny_test", weights="random", dataset="digits", amp="none", normalize="weights",
-                      train_aug="none", workers=0, epochs=3, batch_size=32),
+                      train_aug="none", workers=0, epochs=3, batch_size=32, tasks=5),  # 2 of the 10 digits a task
     }
 
 
@@ -148,33 +89,13 @@ def cores() -> int:
 
 def is_path(w: str) -> bool:
     """A weights value that names a file (everything but 'random' and a timm tag such as 'arch.tag')."""
-    suffixes = (".pth", ".pt", ".bin", ".safetensors")
-    return w != "random" and (os.path.exists(w) or "/" in w or os.sep in w or w.endswith(suffixes))
-
-
-# ----------------------------------------------------------------------------------------------------
-# CLI: argparse built from the dataclasses (the docstring under each field is its help text), with the
-# preset's values as the defaults, so --help shows what a run will use
-
-
-class UsageError(ValueError):
-    """A bad command line or a run directory that does not fit it."""
+    return w != "random" and (os.path.exists(w) or "/" in w or os.sep in w
+                              or w.endswith((".pth", ".pt", ".bin", ".safetensors")))
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block
         raise UsageError(f"{message} (train.py --help lists the options)")
-
-
-def specs(cls) -> list[tuple[str, str, str]]:
-    """(name, type name, help) of every field of a method Config: the string literal under each field."""
-    try:
-        body = ast.parse(inspect.getsource(cls)).body[0].body
-    except (OSError, TypeError):
-        body = []
-    docs = {a.target.id: " ".join(str(b.value.value).split()) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    return [(f.name, str(f.type).replace(" | None", ""), docs.get(f.name, "")) for f in dataclasses.fields(cls)]
 
 
 def add_options(parser, title: str, specs, defaults: dict, choices: dict, notes: dict) -> None:
@@ -192,44 +113,14 @@ def add_options(parser, title: str, specs, defaults: dict, choices: dict, notes:
 RUN_SPECS = [(k, type(d).__name__, h) for k, (d, h) in OPTIONS.items()]
 
 
-def checked(specs, values, where: str) -> dict:
-    """A saved dict of options: every one present and of its declared type."""
-    names = {name for name, _, _ in specs}
-    if not isinstance(values, dict) or set(values) != names:
-        diff = sorted(names ^ set(values)) if isinstance(values, dict) else ["(not an object)"]
-        raise UsageError(f"{where} does not match this version's options ({', '.join(diff[:4])})")
-    for name, typ, _ in specs:
-        v = values[name]
-        if isinstance(v, bool) != (typ == "bool") or not isinstance(v, {"int": int, "float": (int, float),
-                                                                        "str": str, "bool": bool}[typ]):
-            raise UsageError(f"{where}: '{name}' must be {typ} (got {v!r})")
-    return values
-
-
-def read_config(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise UsageError(f"--resume {run_dir}: not a run directory (no config.json); check the path")
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"--resume {run_dir}: config.json is unreadable ({e})") from None
-    run = saved.get("run") if isinstance(saved, dict) else None
-    if not (isinstance(run, dict) and isinstance(saved.get("identity"), dict) and run.get("method") in CHOICES[
-            "method"] and run.get("preset") in CHOICES["preset"]):
-        raise UsageError(f"--resume {run_dir}: config.json is not a run configuration of this train.py")
-    return saved
-
-
 def parse(argv: list[str]) -> tuple[TrainArgs, object, dict | None]:
     """(run options, method Config, the resumed run's config.json or None): defaults <- preset <- the resumed
     run's options <- the command line. On --resume an option that contradicts the run is an error."""
-    pre = _Parser(add_help=False)
+    first = _Parser(add_help=False)
     for flag in ("--method", "--preset", "--resume"):
-        pre.add_argument(flag, choices=CHOICES.get(flag[2:]))
-    known, _ = pre.parse_known_args(argv)
-    saved = read_config(os.path.abspath(known.resume)) if known.resume else None
+        first.add_argument(flag, choices=CHOICES.get(flag[2:]))
+    known, _ = first.parse_known_args(argv)
+    saved = runs.read_config(os.path.abspath(known.resume), METHODS, CHOICES["preset"]) if known.resume else None
     method = saved["run"]["method"] if saved else known.method
     module = METHODS.get(method)
     preset = saved["run"].get("preset") if saved else known.preset or "paper"
@@ -239,35 +130,28 @@ def parse(argv: list[str]) -> tuple[TrainArgs, object, dict | None]:
            "device": ("cuda" if distributed.local_rank() is None else f"cuda:{distributed.local_rank()}")
            if torch.cuda.is_available() else "cpu"}
     run["workers"] = min(run["workers"], cores())
-    cfg, notes = {}, {}
-    if module:
-        cfg = dataclasses.asdict(module.Config())
-        for k, v in presets(method)[preset].items():
-            if k in METHOD_KEYS and k in cfg:
-                cfg[k], notes[k] = v, f"; --preset {preset} overrides the paper's {cfg[k]}"
+    cfg, pre = dataclasses.asdict(module.Config()) if module else {}, presets(method)[preset]
+    notes = {k: f"; --preset {preset} overrides the paper's {cfg[k]}" for k in METHOD_KEYS if k in cfg and k in pre}
+    cfg.update({k: pre[k] for k in notes})
     if saved:  # the run's own options; the free ones from this command line, else the defaults (paths kept)
-        kept = checked(RUN_SPECS, saved["run"], "config.json 'run'")
+        kept = runs.checked(RUN_SPECS, saved["run"], "config.json 'run'")
         run.update({k: v for k, v in kept.items() if k not in RESUME_FREE or k in ("data_root", "weights")})
-        cfg = checked(specs(module.Config), saved.get("method_config"), "config.json 'method_config'")
+        cfg = runs.checked(runs.specs(module.Config), saved.get("method_config"), "config.json 'method_config'")
     p = _Parser(prog="train.py", description="Class-incremental learning with LoRA on a ViT. Methods: "
                 + ", ".join(METHODS) + ". `--method NAME --help` lists the method's options too.")
     add_options(p, "run", RUN_SPECS, run, CHOICES, {})
     if module:
-        add_options(p, f"method options ({module.__name__})", specs(module.Config), cfg, module.CHOICES, notes)
+        add_options(p, f"method options ({module.__name__})", runs.specs(module.Config), cfg, module.CHOICES, notes)
     ns = vars(p.parse_args(argv))
     if not module:
         raise UsageError("--method is required (one of " + ", ".join(METHODS) + "), or --resume RUN_DIR")
     given = {k: ns[k] for k in run}
-    for k in ("data_root", "out", "resume"):
-        given[k] = os.path.abspath(given[k]) if given[k] else ""
+    given.update({k: os.path.abspath(given[k]) if given[k] else "" for k in ("data_root", "out", "resume")})
     given["weights"] = os.path.abspath(given["weights"]) if is_path(given["weights"]) else given["weights"]
     given["workers"] = min(given["workers"], cores()) if given["workers"] >= 0 else given["workers"]
     mcfg = {k: ns[k] for k in cfg}
     for new, old in ((given, run), (mcfg, cfg)) if saved else ():
-        for k in new:
-            if k not in RESUME_FREE and new[k] != old[k]:
-                raise UsageError(f"--resume {given['resume']}: the run has {k.replace('_', '-')}={old[k]!r}, "
-                                 f"not {new[k]!r}; start a new run instead")
+        runs.same_run(given["resume"], {k: v for k, v in new.items() if k not in RESUME_FREE}, old)
     args = TrainArgs(**given)
     validate(args)
     try:
@@ -280,6 +164,8 @@ def parse(argv: list[str]) -> tuple[TrainArgs, object, dict | None]:
 def validate(args: TrainArgs) -> None:
     """Every run option that can be checked before data and weights are read (the method's options, lr, epochs and
     batch size included, are checked by the method's own `validate`, once)."""
+    dev, cuda = args.device, re.fullmatch(r"cuda(:\d+)?", args.device)
+    why = None if args.resume else runs.cannot_write(args.out)  # a probe file where the run directory will go
     problems = [
         (args.tasks < 1, f"--tasks must be at least 1 (got {args.tasks})"),
         (args.init_cls < 0 or args.increment < 0, "--init-cls and --increment must be >= 0"),
@@ -291,103 +177,17 @@ def validate(args: TrainArgs) -> None:
         (args.eval_batch_size < 1, f"--eval-batch-size must be >= 1 (got {args.eval_batch_size})"),
         (args.backbone not in bb.PRESETS and not args.backbone.startswith("timm:"),
          f"--backbone must be one of {', '.join(bb.PRESETS)} or timm:<architecture> (got '{args.backbone}')"),
-    ]
-    dev, cuda = args.device, re.fullmatch(r"cuda(:\d+)?", args.device)
-    problems += [
         (not re.fullmatch(r"cpu|mps|cuda(:\d+)?", dev), f"--device must be cpu, cuda, cuda:N or mps (got '{dev}')"),
         (cuda and int(dev[5:] or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0),
          f"--device {dev}: there is no such CUDA device here; use --device cpu"),
         (dev == "mps" and not torch.backends.mps.is_available(), "--device mps: no MPS device here; use --device cpu"),
         (args.amp == "fp16" and not cuda, f"--amp fp16 needs a CUDA device (device is {dev}); use --amp bf16 or none"),
         (args.amp == "bf16" and cuda and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(),
-         "--amp bf16: this GPU has no bfloat16; use --amp fp16 or --amp none")]
-    top = args.out  # the run directory will go under --out: it must be (or become) a writable folder
-    while not os.path.exists(top):
-        top = os.path.dirname(top)
-    problems.append((not args.resume and not (os.path.isdir(top) and os.access(top, os.W_OK | os.X_OK)),
-                     f"--out {args.out}: {top} is {'not writable' if os.path.isdir(top) else 'a file'}"))
+         "--amp bf16: this GPU has no bfloat16; use --amp fp16 or --amp none"),
+        (why is not None, f"--out {args.out}: {why}")]
     for bad, message in problems:
         if bad:
             raise UsageError(message)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The checkpoint: one file per run, rewritten atomically after every task. It holds the method's state minus
-# the pristine backbone (every entry that is not a backbone tensor, and every backbone tensor that differs
-# from the freshly loaded one, e.g. after a merge), the progress, and what identifies the run.
-
-
-def state_hash(state: dict) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of a state dict: the backbone weights' identity."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        v = state[k].detach().cpu().contiguous()
-        h.update(f"{k} {tuple(v.shape)} {v.dtype};".encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def backbone_key(key: str, base: dict) -> str | None:
-    """The backbone entry a method's state-dict key holds (its longest suffix that is a backbone key)."""
-    parts = key.split(".")
-    return next((b for b in (".".join(parts[i:]) for i in range(len(parts))) if b in base), None)
-
-
-def method_state(state: dict, base: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        v, b = v.detach().cpu(), backbone_key(k, base)
-        if b is None or base[b].shape != v.shape or base[b].dtype != v.dtype or not torch.equal(base[b], v):
-            out[k] = v.clone()  # a compact copy: torch.save writes a view's whole storage
-    return out
-
-
-def load_method_state(method, stored: dict, base: dict) -> None:
-    full = {k: stored[k] if k in stored else base[backbone_key(k, base)] for k in method.state_dict()}
-    method.load_state_dict(full, strict=True)
-
-
-def lock(run_dir: str):
-    f = open(os.path.join(run_dir, ".lock"), "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise UsageError(f"{run_dir} is in use by another train.py process; wait until it ends") from None
-    return f
-
-
-def read_checkpoint(run_dir: str) -> dict | None:
-    path = os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.exists(path):
-        return None
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        p = ck["progress"]
-        assert isinstance(ck["state"], dict) and isinstance(ck["identity"], dict) and len(p["acc"]) == len(
-            p["per_task"]) > 0 and len(p["n_test"]) == len(p["acc"][-1])
-        return ck
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one clear line
-        why = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()[0][:200] if str(e) else "bad layout"
-        raise UsageError(f"--resume {run_dir}: checkpoint.pt cannot be read ({type(e).__name__}: {why}); "
-                         "start a new run") from None
-
-
-def atomic_write(path: str, write) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_text(path: str, text: str) -> None:
-    def write(p):
-        with open(p, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training and evaluation
 
 
 def seed_everything(seed: int) -> None:
@@ -421,9 +221,8 @@ def train_task(method, loader, args: TrainArgs, t: int, epochs: int, dist: distr
     params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
     stats["trainable_params"] = sum(p.numel() for p in params)
     scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
-    show, tty, shown = not args.quiet and dist.rank == 0, sys.stdout.isatty(), time.time()
+    show, tty, shown, t0 = not args.quiet and dist.rank == 0, sys.stdout.isatty(), time.time(), time.time()
     method.train()
-    t0 = time.time()
     for epoch in range(epochs):
         loader.batch_sampler.set_epoch(epoch)
         pending, total, n = [], 0.0, 0
@@ -456,9 +255,9 @@ def train_task(method, loader, args: TrainArgs, t: int, epochs: int, dist: distr
                 if not torch.isfinite(losses_).all():
                     bad = step - len(pending) + 1 + int((~torch.isfinite(losses_)).nonzero()[0])
                     raise NonFiniteLoss(f"the loss became {float(losses_[~torch.isfinite(losses_)][0])} at task "
-                                        f"{t + 1}, epoch {epoch + 1}, step {bad + 1}; lower --lr"
-                                        + (" or use --amp none" if args.amp != "none" else "")
-                                        + ". The checkpoint of the last finished task is kept")
+                                        f"{t + 1}, epoch {epoch + 1}, step {bad + 1}; start a new run with a lower "
+                                        f"--lr{' or --amp none' if args.amp != 'none' else ''} (a resumed run keeps "
+                                        "its options; the last finished task's checkpoint is kept)")
                 total, n, pending = total + float(losses_.sum()), n + len(losses_), []
                 if bar is not loader:
                     bar.set_postfix(loss=f"{total / n:.4f}")
@@ -476,12 +275,9 @@ def train_task(method, loader, args: TrainArgs, t: int, epochs: int, dist: distr
 
 @torch.no_grad()
 def evaluate(method, stream, args: TrainArgs, t: int, dist: distributed.Dist) -> tuple[list[float], list[int]]:
-    """Accuracy (%) on the test images of every task j <= t, predictions over all C_t seen classes.
-
-    Under torchrun each process scores every world-th test image and the counts are summed. A linear method is
-    scored through its `merged()` inference model (adapters folded into a copy of the backbone: one plain forward
-    per image), built here once and dropped after; any other method through its own forward.
-    """
+    """Accuracy (%) on the test images of every task j <= t, predictions over all C_t seen classes; under torchrun
+    each process scores every world-th image. A linear method is scored through its `merged()` inference model
+    (adapters folded into a copy of the backbone), built here once and dropped after; any other by its forward."""
     method.eval()
     model = method.merged() if hasattr(method, "merged") else method
     T_of = np.repeat(np.arange(t + 1), [len(stream.tasks[j]) for j in range(t + 1)])
@@ -497,57 +293,27 @@ def evaluate(method, stream, args: TrainArgs, t: int, dist: distributed.Dist) ->
     return [round(float(100.0 * c / max(k, 1)), 4) for c, k in zip(both[0], both[1])], both[1].astype(np.int64).tolist()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Outputs
-
-
-def save_outputs(run_dir: str, progress: dict, sizes: list[int]) -> None:
-    acc, n = progress["acc"], progress["n_test"]
-    res = {**summary(acc, n), "acc_matrix": acc, "n_test": n, "tasks_done": len(acc), "task_sizes": sizes,
-           "per_task": progress["per_task"], "seen_test_samples": [int(sum(n[: t + 1])) for t in range(len(acc))]}
-    write_text(os.path.join(run_dir, "results.json"), json.dumps(res, indent=1))
-    rows = ["after_task," + ",".join(f"task_{j + 1}" for j in range(len(sizes)))]
-    rows += [f"{t + 1}," + ",".join(f"{v:.2f}" for v in row) + "," * (len(sizes) - len(row))
-             for t, row in enumerate(acc)]
-    write_text(os.path.join(run_dir, "acc_matrix.csv"), "\n".join(rows) + "\n")
-    if len(acc) >= 2:  # one point is no curve
-        plot_curve(os.path.join(run_dir, "acc_curve.png"), res["curve"], os.path.basename(run_dir))
-
-
-def plot_curve(path: str, curve: list[float], title: str) -> None:
-    """a_t after every task; matplotlib is imported here only (and the plot skipped without it)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(range(1, len(curve) + 1), curve, marker="o")
-    ax.set_xticks(range(1, len(curve) + 1, max(1, len(curve) // 10)))
-    ax.set(xlabel="after task", ylabel="accuracy on all seen classes (%)", title=title[:60])
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-# ----------------------------------------------------------------------------------------------------
-# The run
+def explained(e: Exception, args: TrainArgs) -> str:
+    """A data or weights error with the next step a newcomer needs."""
+    msg, w = str(e), args.weights
+    if "weights_only" in msg:  # torch's advice to unpickle an unknown file is not ours to pass on
+        msg = (f"--weights {w} is not a weights file (a state dict saved by torch.save, or .safetensors)"
+               + ("; a .json is the sidecar that sits next to the weights file" if w.endswith(".json") else ""))
+    for name in bb.PRESETS if "do not fit the backbone" in msg else ():  # weights of another preset: say which
+        with contextlib.suppress(bb.WeightsError):
+            msg += f"; these weights fit --backbone {name}" if name != args.backbone and bb.create(name, w) else ""
+    if args.preset == "cpu" and is_path(w) and not os.path.exists(w):
+        msg += ("; the cpu preset reads $CIL_WEIGHTS, else weights/vit_small32_tin.pth: set CIL_WEIGHTS or pass "
+                "--weights")
+    if args.preset == "paper" and not torch.cuda.is_available():
+        msg += "; this machine has no CUDA: try --preset cpu"
+    return msg
 
 
 def setup(args: TrainArgs, cfg, saved: dict | None = None):
     """Data, backbone and method, and on --resume the checks that data and weights are the run's and the finished
     tasks' state -> (stream, method, pristine backbone state, weights info, identity, progress). Writes nothing."""
-    ckpt = read_checkpoint(args.resume) if args.resume else None
+    ckpt = runs.read_checkpoint(args.resume) if args.resume else None
     splits = cil_data.load_dataset(args.dataset, args.data_root)
     N = splits.num_classes
     try:
@@ -573,108 +339,93 @@ def setup(args: TrainArgs, cfg, saved: dict | None = None):
         method = METHODS[args.method].Method(vit, N, cfg).to(args.device)
     except ValueError as e:  # the methods check their Config in __init__
         raise UsageError(f"{args.method}: {e}") from None
-    ident = {"weights_sha256": state_hash(base), "backbone": args.backbone, "dataset": args.dataset,
+    ident = {"weights_sha256": runs.state_hash(base), "backbone": args.backbone, "dataset": args.dataset,
              "class_order": stream.order, "task_sizes": stream.sizes}
-    for have in (saved or {}).get("identity"), (ckpt or {}).get("identity"):
-        bad = [k for k in ident if have is not None and have.get(k) != ident[k]]
-        if bad:
-            raise UsageError(f"--resume {args.resume}: the run was made with other {', '.join(bad)} ("
-                             + ("the --weights give other tensors" if "weights_sha256" in bad else "the data differ")
-                             + "); pass what the run started from, or start a new run")
-    progress = ckpt["progress"] if ckpt else {"acc": [], "n_test": [], "per_task": []}
-    for t in range(len(progress["acc"])):
-        method.grow(t, stream.tasks[t])
-    try:
-        if ckpt:
-            load_method_state(method.to(args.device), ckpt["state"], base)
-    except Exception as e:  # noqa: BLE001 - a checkpoint of another structure
-        raise UsageError(f"--resume {args.resume}: the checkpoint does not fit the method ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); start a new run") from None
+    progress = runs.restore(args.resume, method.to(args.device), stream.tasks, ident, base, saved, ckpt)
     return stream, method, base, winfo, ident, progress
 
 
-def warn(message: str) -> None:
-    print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
+def run_task(method, stream, args: TrainArgs, cfg, dist: distributed.Dist, t: int, base: dict, ident: dict,
+             progress: dict, run_dir: str) -> None:
+    """Task t: grow, begin_task, train, end_task, evaluate; rank 0 writes the checkpoint, then the outputs."""
+    classes = stream.tasks[t]
+    seed_everything(task_seed(args.seed, t))
+    t0 = time.time()
+    data = stream.task_data(t)  # the whole task, in every process, for the hooks
+    method.grow(t, classes)
+    method.to(args.device).begin_task(t, classes, data)
+    stats = train_task(method, stream.train_loader(t, dist.rank, dist.world), args, t, cfg.epochs, dist)
+    seed_everything(task_seed(args.seed, t) + 500)  # the processes agree again whatever training drew
+    method.end_task(t, classes, data)
+    task_seconds, t1 = time.time() - t0, time.time()
+    row, n_test = evaluate(method, stream, args, t, dist)
+    eval_seconds, sd, steps = time.time() - t1, method.state_dict(), max(stats["steps"], 1)
+    progress["acc"].append(row)
+    progress["n_test"] = n_test
+    progress["per_task"].append({
+        "classes": [classes[0], classes[-1] + 1], "trainable_params": stats["trainable_params"],
+        "stored_params": sum(v.numel() for v in sd.values()) - sum(v.numel() for v in base.values()),
+        "steps": stats["steps"], "optimizer_steps": stats["optimizer_steps"], "final_loss": stats["loss"],
+        "train_seconds": round(stats["train_seconds"], 3), "seconds_per_step": round(stats["train_seconds"] / steps, 5),
+        "task_seconds": round(task_seconds, 3), "eval_seconds": round(eval_seconds, 3)})
+    if dist.rank == 0:  # the checkpoint first: resume rewrites the outputs from it
+        runs.write_checkpoint(run_dir, {"identity": ident, "progress": progress, "state": runs.method_state(sd, base)})
+        runs.save_outputs(run_dir, progress, stream.sizes)
+    old = f"old {np.dot(row[:-1], n_test[:-1]) / max(sum(n_test[:-1]), 1):.2f}, " if t else ""
+    loss = f"loss {stats['loss']:.4f}, " if stats["loss"] is not None else ""
+    print(f"task {t + 1}/{len(stream.sizes)} classes {classes[0]}-{classes[-1]}: acc "
+          f"{accuracy_curve(progress['acc'], n_test)[-1]:.2f} ({old}new {row[-1]:.2f}), {loss}trainable "
+          f"{stats['trainable_params']:,}, {task_seconds:.1f} s ({stats['train_seconds'] / steps:.3f} s/step), eval "
+          f"{eval_seconds:.1f} s", flush=True)
 
 
 def run(args: TrainArgs, cfg, dist: distributed.Dist, saved: dict | None, locks: contextlib.ExitStack) -> str:
     """The task loop. Only rank 0 writes (and prints: main mutes the others); `locks` holds the run's lock."""
     lead = dist.rank == 0
     if args.resume and lead:  # a second process on the same run directory refuses before reading anything
-        locks.enter_context(lock(args.resume))
-    stream, method, base, winfo, ident, progress = setup(args, cfg, saved)
+        locks.enter_context(runs.lock(args.resume))
+    try:
+        stream, method, base, winfo, ident, progress = setup(args, cfg, saved)
+    except (cil_data.DataError, bb.WeightsError) as e:
+        raise UsageError(explained(e, args)) from None
     T = len(stream.sizes)
-    if lead and args.preset == "paper" and args.device == "cpu":
-        warn("--preset paper is the GPU setting (ViT-B/16 at 224 px, the papers' epochs); on a CPU use --preset cpu")
-    if lead and any(len(c) == 1 for c in stream.tasks):
-        warn(f"{sum(len(c) == 1 for c in stream.tasks)} of the {T} tasks have a single class: a local "
-             "cross-entropy over one class is 0, so such a task learns nothing from it")
-    run_dir = args.resume
-    if not args.resume and lead:
-        name, k = f"{args.dataset}__{args.method}__s{args.seed}__{datetime.datetime.now():%Y%m%d-%H%M%S}", 0
-        while os.path.exists(run_dir := os.path.join(args.out, name + (f"-{k}" if k else ""))):
-            k += 1
-        os.makedirs(run_dir)
-        locks.enter_context(lock(run_dir))
-        write_text(os.path.join(run_dir, "config.json"), json.dumps({
-            "run": dataclasses.asdict(args), "method_config": dataclasses.asdict(cfg), "identity": ident,
-            "weights": winfo, "processes": dist.world, "git_sha": git_sha(), "torch": torch.__version__,
-            "command": sys.argv}, indent=1))
+    for bad, message in [(args.preset == "paper" and args.device == "cpu", "--preset paper is the GPU setting ("
+                          "ViT-B/16 at 224 px, the papers' epochs); on a CPU use --preset cpu"),
+                         (any(len(c) == 1 for c in stream.tasks), f"{sum(len(c) == 1 for c in stream.tasks)} of the "
+                          f"{T} tasks have a single class: a local cross-entropy over one class is 0, so such a task "
+                          "learns nothing from it")]:
+        if bad and lead:
+            print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
+    run_dir = args.resume if args.resume or not lead else runs.new_run(args.out, f"{args.dataset}__{args.method}__s"
+        f"{args.seed}", {"run": dataclasses.asdict(args), "method_config": dataclasses.asdict(cfg), "identity": ident,
+                         "weights": winfo, "processes": dist.world, "command": sys.argv}, locks)
     run_dir = dist.broadcast(run_dir)
+    again = "continue with: " + shlex.join([sys.executable, os.path.abspath(__file__), "--resume", run_dir])
     print(f"{args.method} on {args.dataset}: {T} tasks {stream.sizes[:3]}{'...' if T > 3 else ''}, {args.backbone} "
           f"({winfo['source']}), device {args.device} x {dist.world}, amp {args.amp}, workers {args.workers} -> "
           f"{run_dir}" + (f"; resuming after task {len(progress['acc'])}/{T}" if args.resume else ""))
-    print("to continue this run if it stops: " + shlex.join([sys.executable, os.path.abspath(__file__), "--resume",
-                                                             run_dir]), flush=True)
-    for t in range(len(progress["acc"]), T):
-        if args.stop_after and t >= args.stop_after:
-            print(f"stopped after task {t}/{T} (--stop-after)")
-            return run_dir
-        classes = stream.tasks[t]
-        seed_everything(task_seed(args.seed, t))
-        t0 = time.time()
-        data = stream.task_data(t)  # the whole task, in every process, for the hooks
-        method.grow(t, classes)
-        method.to(args.device).begin_task(t, classes, data)
-        stats = train_task(method, stream.train_loader(t, dist.rank, dist.world), args, t, cfg.epochs, dist)
-        seed_everything(task_seed(args.seed, t) + 500)  # the processes agree again whatever training drew
-        method.end_task(t, classes, data)
-        task_seconds, t1 = time.time() - t0, time.time()
-        row, n_test = evaluate(method, stream, args, t, dist)
-        eval_seconds, sd, steps = time.time() - t1, method.state_dict(), max(stats["steps"], 1)
-        progress["acc"].append(row)
-        progress["n_test"] = n_test
-        progress["per_task"].append({
-            "classes": [classes[0], classes[-1] + 1], "trainable_params": stats["trainable_params"],
-            "stored_params": sum(v.numel() for v in sd.values()) - sum(v.numel() for v in base.values()),
-            "steps": stats["steps"], "optimizer_steps": stats["optimizer_steps"], "final_loss": stats["loss"],
-            "train_seconds": round(stats["train_seconds"], 3),
-            "seconds_per_step": round(stats["train_seconds"] / steps, 5),
-            "task_seconds": round(task_seconds, 3), "eval_seconds": round(eval_seconds, 3)})
-        if lead:  # one file, replaced atomically: a kill at any moment leaves the last finished task's checkpoint
-            ckpt = {"identity": ident, "progress": progress, "state": method_state(sd, base)}
-            atomic_write(os.path.join(run_dir, "checkpoint.pt"), lambda p: torch.save(ckpt, p))
-            save_outputs(run_dir, progress, stream.sizes)
-        old = f"old {np.dot(row[:-1], n_test[:-1]) / max(sum(n_test[:-1]), 1):.2f}, " if t else ""
-        loss = f"loss {stats['loss']:.4f}, " if stats["loss"] is not None else ""
-        a = accuracy_curve(progress["acc"], n_test)[-1]
-        print(f"task {t + 1}/{T} classes {classes[0]}-{classes[-1]}: acc {a:.2f} ({old}new {row[-1]:.2f}), {loss}"
-              f"trainable {stats['trainable_params']:,}, {task_seconds:.1f} s "
-              f"({stats['train_seconds'] / steps:.3f} s/step), eval {eval_seconds:.1f} s", flush=True)
+    print("to continue this run if it stops: " + again.removeprefix("continue with: "), flush=True)
+    try:
+        if lead and progress["acc"]:  # outputs a failed write left behind the checkpoint are written again
+            runs.save_outputs(run_dir, progress, stream.sizes)
+        for t in range(len(progress["acc"]), T):
+            if args.stop_after and t >= args.stop_after:
+                print(f"stopped after task {t}/{T} (--stop-after); {again}")
+                return run_dir
+            run_task(method, stream, args, cfg, dist, t, base, ident, progress, run_dir)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(again) from None
+    except runs.WriteError as e:
+        raise runs.WriteError(f"{e}; the finished tasks are kept; once {run_dir} can be written, {again}") from None
     res = summary(progress["acc"], progress["n_test"])
     print(f"done: last {res['last_acc']:.2f}, average incremental {res['avg_inc_acc']:.2f}, forgetting "
           f"{res['forgetting']:.2f}, BWT {res['bwt']:.2f} -> {run_dir}", flush=True)
     return run_dir
 
 
-# ----------------------------------------------------------------------------------------------------
-# Main: every expected failure is one line on stderr and exit code 2
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
     try:
-        args, cfg, saved = parse(argv)
+        args, cfg, saved = parse(sys.argv[1:] if argv is None else argv)
         dist, finished = distributed.init(), False
         try:  # ranks > 0 print nothing (method hooks print progress); their errors still reach stderr
             with contextlib.redirect_stdout(open(os.devnull, "w") if dist.rank > 0 else sys.stdout), \
@@ -683,12 +434,12 @@ def main(argv: list[str] | None = None) -> int:
             finished = True
         finally:
             distributed.close(dist, finished)
-    except (UsageError, cil_data.DataError, bb.WeightsError, NonFiniteLoss) as e:
+    except (UsageError, cil_data.DataError, bb.WeightsError, NonFiniteLoss, runs.WriteError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train.py: interrupted; finished tasks are kept, continue with the --resume command printed at the "
-              "start", file=sys.stderr)
+        return 1 if isinstance(e, runs.WriteError) else 2  # 1: a write failed mid-run, finished tasks intact
+    except KeyboardInterrupt as e:
+        print("train.py: interrupted; " + (f"finished tasks are kept; {e}" if str(e) else "nothing was written"),
+              file=sys.stderr)
         return 130
     return 0
 

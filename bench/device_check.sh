@@ -26,6 +26,7 @@
 # --epochs N (1), --jobs N (train runs at once: 6 on cuda), --ps-jobs N (paper-shape variants at once: 3),
 # --budget S (seconds for all commands, each cut to what is left: 460 on cuda), --skip train,torchrun,...,
 # --data DIR, --weights FILE, --out DIR (bench/results/gpu; on cpu WORK/results), --work DIR (bench/runs/device_check).
+# Python is $PYTHON (default: python from PATH); torchrun is "$PYTHON -m torch.distributed.run".
 # Exit code 1 when a check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -158,7 +159,7 @@ fi
 if [ "$DEV" = cpu ]; then export CIL_DIST_BACKEND=gloo; BACKEND=gloo; else BACKEND=nccl; fi
 if skipped torchrun; then stage "2/4 torchrun: skipped"; else
 stage "2/4 torchrun"
-if command -v torchrun > /dev/null; then TORCHRUN=(torchrun); else TORCHRUN=("$PY" -m torch.distributed.run); fi
+TORCHRUN=("$PY" -m torch.distributed.run)  # torchrun of the interpreter that runs the checks, not of PATH
 TR_METHOD="${METHOD_LIST[0]}"
 [ "$DRY" = 1 ] || rm -rf "$WORK/runs/torchrun"
 cmd=("${TORCHRUN[@]}" --standalone --nproc_per_node 1 train.py --method "$TR_METHOD" "${TRAIN_DATA[@]}" --stop-after 2

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from cpu_benchmark import ROWS, SEEDS  # noqa: E402  (no torch: the row list only)
 
-DOCS = ("README.md", os.path.join("bench", "README.md"))
+DOCS = ("README.md", os.path.join("bench", "README.md"), os.path.join("bench", "probes", "README.md"))
 SUMMARY = os.path.join("bench", "results", "cpu_summary.json")
 FIGURES = (os.path.join("bench", "results", "cpu_curves.png"), os.path.join("bench", "results", "cpu_last_acc.png"))
 METRICS = ("last_acc", "avg_inc_acc", "forgetting")
@@ -53,13 +53,19 @@ def load(root: str, rel: str):
 
 
 def label(row: str) -> str:
-    """'joint (`seq_lora --tasks 1`)', 'inflora `--ca`', 'sd_lora `--variant rr`', 'cl_lora'."""
+    """A table's row: its name for `cpu_benchmark.py --rows` and its train.py options, e.g.
+    'inflora_ca (`--method inflora --ca`)'."""
+    return f"{row} (`{' '.join(ROWS[row])}`)"
+
+
+def legend(row: str) -> str:
+    """A figure's name of a row: 'joint (seq_lora --tasks 1)', 'inflora --ca', 'sd_lora --variant rr', 'cl_lora'."""
     opts = ROWS[row]
     method, extra = opts[opts.index("--method") + 1], [o for i, o in enumerate(opts)
                                                        if o != "--method" and opts[i - 1] != "--method"]
     if row == "joint":
-        return f"joint (`{method} {' '.join(extra)}`)"
-    return method + (f" `{' '.join(extra)}`" if extra else "")
+        return f"joint ({method} {' '.join(extra)})"
+    return method + (f" {' '.join(extra)}" if extra else "")
 
 
 def cpu_runs(root: str) -> dict:
@@ -301,7 +307,7 @@ def t_adapter_mechanism(root: str) -> str:
 
 
 def t_long_sequences(root: str) -> str:
-    import long_sequences
+    import constant_cost  # its --train-runs wrote this file
     res = load(root, "bench/results/long_sequences.json")
     by = {}
     for r in res["rows"]:
@@ -311,7 +317,7 @@ def t_long_sequences(root: str) -> str:
         Ts = sorted(cells)
         last = cells[Ts[-1]]
         ok = all(c.get("stored_matches_expected") for c in cells.values())
-        fit = long_sequences.fit_growth([cells[T] for T in Ts])
+        fit = constant_cost.fit_growth([cells[T] for T in Ts])
         growth = "–" if fit is None else f"{fit[0]:,.0f} + {fit[1]:,.0f}·n_t (residual {fit[2]:.0f})"
         rows.append([method, " / ".join(f"{cells[T]['peak_rss_mib']:.0f}" for T in Ts), f"{last['stored_params'][-1]:,}",
                      growth, "yes" if ok else "NO", f"{last['mean_task_seconds']:.2f} / {last['mean_eval_seconds']:.2f}"])
@@ -391,7 +397,50 @@ def t_inflora_memory_probe(root: str) -> str:
               rows or [["(no probe yet)"] + [""] * 6])
 
 
+def wall_minutes(root: str) -> list[float]:
+    """The committed CPU-benchmark runs' wall times in minutes (uninterrupted runs, probes included)."""
+    out = []
+    for log in glob.glob(os.path.join(root, "bench", "results", "cpu", "*", "seed*", "train.log")):
+        with open(log) as f:
+            out += [float(ln.split(": ")[1].split()[0]) / 60 for ln in f if ln.startswith("wall time of the run: ")]
+    return out
+
+
+def t_overview(root: str) -> str:
+    """bench/README's first screen: which command gives which table, its time on the build machine (from the
+    results files), where its results land."""
+    def took(rel: str, what: str = "") -> str:
+        path = os.path.join(root, rel)
+        if not os.path.isfile(path):
+            return "not run yet"
+        return f"{load(root, rel)['total_seconds'] / 60:.0f} min{what}"
+
+    mins = wall_minutes(root)
+    cpu = (f"{min(mins):.0f}-{max(mins):.0f} min a run ({len(mins)} uninterrupted runs: {sum(mins) / 60:.0f} h)" if mins
+           else "no run yet")
+    gpu = os.path.join("bench", "results", "gpu", "summary.json")
+    rows = [
+        ["`python bench/cpu_benchmark.py --rows ROW --seeds S --out DIR`", "a row of README's Results (`cpu`, "
+         "`cpu_goal`, `cpu_seeds`, the figures; the probe tables)", cpu, "DIR/ROW/seedS/ (`--commit`: "
+         "results/cpu/)"],
+        ["`python bench/table.py`", "every table here and in README.md, from the results files", "seconds",
+         "the two READMEs, results/cpu_summary.json, cpu_*.png"],
+        ["`python bench/step_time.py --methods ...`", "`step_time`, `step_time_bf16`, `kd_update_step_time`",
+         "not recorded", "results/step_time_*.json"],
+        ["`OMP_NUM_THREADS=2 python bench/constant_cost.py`", "`constant_cost`",
+         took("bench/results/constant_cost.json"), "results/constant_cost.json"],
+        ["`OMP_NUM_THREADS=2 python bench/constant_cost.py --train-runs`", "`long_sequences`",
+         took("bench/results/long_sequences.json"), "results/long_sequences.json"],
+        ["`OMP_NUM_THREADS=2 python bench/paper_shapes.py`", "`paper_shapes`",
+         took("bench/results/paper_shapes_cpu.json"), "results/paper_shapes_cpu.json"],
+        ["`bench/device_check.sh` (a GPU machine)", "the GPU checks", took(gpu) if os.path.isfile(
+            os.path.join(root, gpu)) else "not run yet (budget 460 s)", "results/gpu/"],
+    ]
+    return md(["command", "reproduces", "time on the build machine", "results in bench/"], rows)
+
+
 TABLES = {
+    "overview": t_overview,
     "cpu": t_cpu,
     "cpu_goal": t_cpu_goal,
     "cpu_seeds": t_cpu_seeds,
@@ -440,7 +489,7 @@ def figures(root: str) -> None:
             seeds = runs[row]
             curves = np.array([s["results"]["curve"] for s in seeds.values()])
             c = color[row]
-            name = f"{label(row).replace('`', '')} (n={len(seeds)})"
+            name = f"{legend(row)} (n={len(seeds)})"
             if curves.shape[1] == 1:  # joint: one task over all classes, drawn as a reference line
                 ax.axhline(curves.mean(), color=c, ls="--", lw=1.2, label=name)
                 continue
@@ -462,7 +511,7 @@ def figures(root: str) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    names = [label(r).replace("`", "") for r in runs]
+    names = [legend(r) for r in runs]
     means = [metric(s, "last_acc")["mean"] for s in runs.values()]
     stds = [metric(s, "last_acc")["std"] or 0.0 for s in runs.values()]
     ax.bar(range(len(runs)), means, color=[color[r] for r in runs])

@@ -80,7 +80,7 @@ Deviations:
   SLCA's loss); the default stays SR²'s. On the `cpu` preset (a small 32 px ViT, far weaker than ViT-B/16)
   SR²'s loss collapses the heads, its entropy term most: after task 10 the aligned heads classify their own
   Gaussian replay at 12.8 % (plain CE re-run from the same heads: 36.6 %) and send 66 % of the test images to
-  the first task's head (seed 0; seed 1 alike; bench/sr2_ca_probe.py, bench/README.md).
+  the first task's head (seed 0; seed 1 alike; bench/probes/sr2_ca_probe.py, bench/probes/README.md).
 
 Run: python train.py --method sr2_lora --tasks 10
 """

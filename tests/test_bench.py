@@ -123,7 +123,7 @@ def parse_train(monkeypatch):
 
 def dry_run(env_extra):
     env = {k: v for k, v in os.environ.items() if k not in ("CIL_DATA", "CIL_WEIGHTS")}
-    env.update(env_extra)
+    env.update({"PYTHON": sys.executable, **env_extra})  # the interpreter of these tests, on PATH or not
     p = subprocess.run(["bash", os.path.join(REPO, "bench", "device_check.sh"), "--dry-run"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
@@ -134,7 +134,8 @@ def test_device_check_dry_run_lists_valid_commands_for_every_method_and_precisio
     (tmp_path / "cifar100.npz").write_bytes(b"")  # only its presence is checked by a dry run
     (tmp_path / "w.pth").write_bytes(b"")
     text, cmds = dry_run({"CIL_DATA": str(tmp_path), "CIL_WEIGHTS": str(tmp_path / "w.pth")})
-    trains = [c for c in cmds if c[:2] == ["python", "train.py"]]
+    trains = [c for c in cmds if c[:2] == [sys.executable, "train.py"]]
+    assert len(trains) == 3 * len(METHODS)
     seen = set()
     for c in trains:
         run = parse_train(c[2:])  # every flag is one train.py knows
@@ -147,11 +148,12 @@ def test_device_check_dry_run_lists_valid_commands_for_every_method_and_precisio
     assert len(shapes) == 1
     a = ps.build_parser().parse_args(shapes[0][2:])
     assert (a.device, a.batch, a.steps, a.methods) == ("cuda", 128, 20, "")
-    tr = [c for c in cmds if c[0] == "torchrun" and "train.py" in c]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    tr = [c for c in cmds if c[:3] == torchrun and "train.py" in c]
     assert len(tr) == 1 and "--nproc_per_node" in tr[0] and tr[0][tr[0].index("--nproc_per_node") + 1] == "1"
     run = parse_train(tr[0][tr[0].index("train.py") + 1:])
     assert run["device"] == "cuda"
-    assert any(c[0] == "torchrun" and c[-1] == "nccl" for c in cmds)
+    assert any(c[:3] == torchrun and c[-1] == "nccl" for c in cmds)
     assert any("step_time.py" in " ".join(c) and "cuda" in c for c in cmds)
     assert "NOTE" not in text
 
@@ -160,7 +162,7 @@ def test_device_check_without_data_or_weights_falls_back_and_says_so(tmp_path, p
     text, cmds = dry_run({"CIL_DATA": str(tmp_path)})
     assert "NOTE: no CIFAR-100" in text
     for c in cmds:
-        if c[:2] == ["python", "train.py"]:
+        if c[:2] == [sys.executable, "train.py"]:
             run = parse_train(c[2:])
             assert (run["dataset"], run["tasks"]) == ("digits", 5)
             if not os.path.isfile(os.path.join(REPO, "weights", "vit_small32_tin.pth")):
@@ -171,7 +173,8 @@ def test_device_check_cpu_path_runs_and_writes_its_summary(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     p = subprocess.run(["bash", os.path.join(REPO, "bench", "device_check.sh"), "--device", "cpu", "--quick",
                         "--methods", "seq_lora", "--skip", "step_time,torchrun", "--out", str(out),
-                        "--work", str(work)], cwd=REPO, capture_output=True, text=True, timeout=300)
+                        "--work", str(work)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHON": sys.executable})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     summary = json.load(open(out / "summary.json"))
     checks = {c["check"]: c for c in summary["checks"]}

@@ -1,5 +1,6 @@
 """bench/constant_cost.py --quick: a tiny ViT, T = 1, 2, one method; the results file's structure, its ratios,
-the stored-parameter check against bench/long_sequences.py's formula, and the --table printer."""
+the stored-parameter check against the growth formulas (EXPECTED), and the --table printer; --train-runs on a
+made-up CIFAR-100 of one image per class."""
 import json
 import math
 import os
@@ -56,7 +57,7 @@ def test_quick_results_structure_and_ratios(quick):
         g = r["goals"][kind]
         assert g["status"] == ("met" if value <= bound else "missed")
         assert f"[{g['goal']}: {g['status']}]" in stdout  # printed next to its number
-    # stored parameters: SD-LoRA adds a component per task (grows), and equals long_sequences.EXPECTED
+    # stored parameters: SD-LoRA adds a component per task (grows), and equals constant_cost.EXPECTED
     assert c2["stored_params"] > c1["stored_params"] > 0
     assert r["stored_params_match_formula"] is True and c2["stored_params"] == c2["stored_params_expected"]
 
@@ -78,3 +79,30 @@ def test_goal_rules():
     assert cc.goal("train", "seq_lora", 2.0)["status"] == "n/a"  # the training goal names three methods
     assert cc.goal("train", "inflora", 1.15)["status"] == "met"
     assert cc.goal("memory", "sr2_lora", None)["status"] == "not measured"
+
+
+def test_train_runs_measure_whole_runs_and_fit_the_growth(tmp_path):
+    """--train-runs: one train.py process per (method, T), its own peak RSS, its stored counts = EXPECTED, and the
+    growth per task fitted over T (seq_lora: a LoRA per block, nothing per task, d + 1 per class)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cifar100_mini.npz", x_train=rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8),
+             y_train=np.arange(100, dtype=np.uint8), x_test=rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8),
+             y_test=np.arange(100, dtype=np.uint8))
+    out = tmp_path / "ls.json"
+    cmd = [sys.executable, SCRIPT, "--train-runs", "--methods", "seq_lora", "--T", "2,4", "--data-dir", str(tmp_path),
+           "--out", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [(r["method"], r["tasks"]) for r in res["rows"]] == [("seq_lora", 2), ("seq_lora", 4)]
+    floor = res["settings"]["import_only_peak_rss_mib"]
+    for r in res["rows"]:
+        assert r["returncode"] == 0 and len(r["stored_params"]) == r["tasks"] and r["stored_matches_expected"]
+        assert r["peak_rss_mib"] > floor > 50  # a whole run above a process that only imports train.py
+    a, b, residual = cc.fit_growth(res["rows"])
+    assert (a, b, residual) == (pytest.approx(0.0), pytest.approx(193.0), pytest.approx(0.0))  # (d + 1)·n_t
+    assert "seq_lora: measured growth/task = 0.0 + 193.00·n_t" in res["checks"][0]
+    bad = subprocess.run(cmd[:-1] + [str(tmp_path / "ls2.json"), "--quick"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no --quick" in bad.stderr and not (tmp_path / "ls2.json").exists()
+

@@ -128,6 +128,124 @@ def test_nan_loss_names_task_epoch_step_and_keeps_the_last_checkpoint(tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "task 2, epoch 1, step 3" in err and "nan" in err and "--amp none" not in err  # amp is already none
+    assert "start a new run with a lower --lr" in err and "--resume" not in err  # resume keeps the --lr
     d = only_run(tmp_path)
     assert len(checkpoint(d)["progress"]["acc"]) == 1
     assert len(load(d, "results.json")["acc_matrix"]) == 1  # what task 1 wrote is intact
+
+
+def small_fs(path, size):
+    """A real tmpfs of `size` at `path` (root only); False where it cannot be mounted."""
+    os.makedirs(path, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_full_disk_is_one_line_and_resume_after_freeing_space_is_exact(tmp_path):
+    """--out on a full filesystem (a 64 KB tmpfs; without one, a per-file size limit set by the OS, RLIMIT_FSIZE):
+    one error line naming the file, the OS reason and the resume command, exit 1, no .tmp left, the finished
+    tasks intact; after freeing space the resumed run ends exactly like an uninterrupted one."""
+    common = [sys.executable, "train.py", "--method", "seq_lora", "--preset", "smoke", "--tasks", "5", "--epochs",
+              "1", "--quiet"]
+    full = subprocess.run([*common, "--out", str(tmp_path / "full")], cwd=ROOT, env=env1(), capture_output=True,
+                          text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+    disk = tmp_path / "disk"
+    mounted = small_fs(disk, "64k")
+
+    def limit():  # fallback: every file written is cut at 20 kB, the write fails with EFBIG
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+    try:
+        p = subprocess.run([*common, "--out", str(disk)], cwd=ROOT, env=env1(), capture_output=True, text=True,
+                           timeout=600, preexec_fn=None if mounted else limit)
+        err = p.stderr.strip()
+        assert p.returncode == 1 and "\n" not in err, p.stderr
+        d = only_run(disk)
+        assert err.startswith(f"train.py: error: cannot write {d}/")
+        assert ("no space left on device" if mounted else "file too large") in err
+        assert err.endswith(f"continue with: {sys.executable} {os.path.join(ROOT, 'train.py')} --resume {d}")
+        assert not [f for f in os.listdir(d) if f.endswith(".tmp")]
+        done = len(checkpoint(d)["progress"]["acc"]) if os.path.exists(os.path.join(d, "checkpoint.pt")) else 0
+        assert done < 5 and load(d, "config.json")["run"]["tasks"] == 5
+        if os.path.exists(os.path.join(d, "results.json")):  # written after the checkpoint: never ahead of it
+            assert load(d, "results.json")["tasks_done"] <= done
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        r = subprocess.run([sys.executable, "train.py", "--resume", d, "--quiet"], cwd=ROOT, env=env1(),
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert results(only_run(tmp_path / "full")) == results(d)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)])
+
+
+def test_unwritable_out_and_read_only_resume_are_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "train.py", "--method", "seq_lora", "--preset", "smoke", "--out",
+                        "/proc/foo"], cwd=ROOT, env=env1(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and p.stderr.startswith("train.py: error: --out /proc/foo: cannot write in /proc: ")
+    assert p.stderr.count("\n") == 1 and not os.path.exists("/proc/foo")
+    a = subprocess.run([sys.executable, "train.py", "--method", "simple_cil", "--preset", "smoke", "--tasks", "2",
+                        "--quiet", "--out", str(tmp_path / "a")], cwd=ROOT, env=env1(), capture_output=True,
+                       text=True, timeout=600)
+    assert a.returncode == 0, a.stderr
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(tmp_path / "a"), str(ro)], capture_output=True).returncode:
+        pytest.skip("no read-only bind mount here (needs root)")
+    try:
+        d = only_run(ro)
+        r = subprocess.run([sys.executable, "train.py", "--resume", d], cwd=ROOT, env=env1(), capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"cannot write {d}/.lock: read-only file system" in r.stderr
+    finally:
+        subprocess.run(["umount", str(ro)])
+
+
+def one_error(capsys, argv, code=2):
+    assert train.main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_message_hints(tmp_path, capsys, monkeypatch):
+    S = ["--method", "seq_lora", "--preset", "smoke", "--quiet", "--out", str(tmp_path / "runs")]
+    (tmp_path / "w.json").write_text('{"normalize": {}}')
+    err = one_error(capsys, [*S, "--weights", str(tmp_path / "w.json")])
+    assert "is not a weights file" in err and "sidecar" in err and "weights_only" not in err
+    torch.save(train.bb.create("vit_small32", "random")[0].state_dict(), tmp_path / "s32.pth")
+    err = one_error(capsys, [*S, "--weights", str(tmp_path / "s32.pth")])
+    assert err.rstrip().endswith("these weights fit --backbone vit_small32")
+    monkeypatch.delenv("CIL_WEIGHTS", raising=False)
+    cpu = ["--method", "seq_lora", "--preset", "cpu", "--dataset", "digits", "--out", str(tmp_path / "runs")]
+    err = one_error(capsys, cpu + ["--weights", str(tmp_path / "none.pth")])
+    assert "$CIL_WEIGHTS" in err and "--weights" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = one_error(capsys, ["--method", "seq_lora", "--dataset", "digits", "--device", "cpu", "--weights",
+                             str(tmp_path / "none.pth"), "--out", str(tmp_path / "runs")])
+    assert "does not exist" in err and "try --preset cpu" in err
+    assert not (tmp_path / "runs").exists()  # nothing created by a run that failed its checks
+
+
+def test_stop_after_and_interrupt_repeat_the_resume_command(tmp_path, monkeypatch, capsys):
+    argv = ["--method", "seq_lora", "--preset", "smoke", "--tasks", "2", "--epochs", "1", "--quiet"]
+    assert train.main([*argv, "--stop-after", "1", "--out", str(tmp_path / "a")]) == 0
+    d = only_run(tmp_path / "a")
+    again = f"continue with: {sys.executable} {os.path.join(ROOT, 'train.py')} --resume {d}"
+    assert f"stopped after task 1/2 (--stop-after); {again}" in capsys.readouterr().out
+    orig = seq_lora.SeqLoRA.loss
+
+    def interrupted(self, x, y):  # Ctrl-C in task 2
+        if len(self.heads) == 2:
+            raise KeyboardInterrupt
+        return orig(self, x, y)
+
+    monkeypatch.setattr(seq_lora.SeqLoRA, "loss", interrupted)
+    assert train.main(["--resume", d, "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert err == f"train.py: interrupted; finished tasks are kept; {again}\n"
+    assert len(checkpoint(d)["progress"]["acc"]) == 1

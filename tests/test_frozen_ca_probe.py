@@ -1,4 +1,4 @@
-"""bench/frozen_ca_probe.py: its statistics are sr2_lora's, and a smoke run keeps the backbone frozen."""
+"""bench/probes/frozen_ca_probe.py: its statistics are sr2_lora's, and a smoke run keeps the backbone frozen."""
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ import torch
 from conftest import synthetic_task, tiny_vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "bench"))
+sys.path.insert(0, os.path.join(REPO, "bench", "probes"))
 
 import frozen_ca_probe as fcp  # noqa: E402
 import methods.sr2_lora as sr2  # noqa: E402
@@ -28,8 +28,8 @@ def test_statistics_from_features_equal_the_methods_from_images():
 
 def test_smoke_run_aligns_only_from_the_second_task_and_never_moves_the_backbone(tmp_path):
     out = tmp_path / "probe.json"
-    r = subprocess.run([sys.executable, os.path.join(REPO, "bench", "frozen_ca_probe.py"), "--preset", "smoke",
-                        "--weights", "random", "--tasks", "2", "--ca", "ce", "sr2", "--json", str(out),
+    r = subprocess.run([sys.executable, os.path.join(REPO, "bench", "probes", "frozen_ca_probe.py"), "--preset",
+                        "smoke", "--weights", "random", "--tasks", "2", "--ca", "ce", "sr2", "--json", str(out),
                         "--threads", "1"], capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stderr
     runs = json.loads(out.read_text())["runs"]

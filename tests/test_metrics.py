@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from train import (accuracy_curve, average_incremental_accuracy, backward_transfer, forgetting,
+from metrics import (accuracy_curve, average_incremental_accuracy, backward_transfer, forgetting,
                    forgetting_pilot, last_accuracy, summary)
 
 # after task 1: 90; after task 2: 70 / 80; after task 3: 75 / 60 / 50, with 100, 100 and 200 test images

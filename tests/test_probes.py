@@ -1,5 +1,5 @@
-"""The probes of a finished run (bench/*_probe.py) on smoke runs: each reproduces the run's own score before it
-changes anything, and a run of the wrong method is one error line."""
+"""The probes of a finished run (bench/probes/*_probe.py) on smoke runs: each reproduces the run's own score
+before it changes anything, and a run of the wrong method is one error line."""
 import hashlib
 import json
 import os
@@ -32,7 +32,8 @@ def runs(tmp_path_factory):
 
 
 def probe(script, run, tmp_path, *extra):
-    return subprocess.run([sys.executable, os.path.join(REPO, "bench", script), str(run), "--threads", "1", *extra],
+    return subprocess.run([sys.executable, os.path.join(REPO, "bench", "probes", script), str(run), "--threads", "1",
+                           *extra],
                           capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
 
 

@@ -37,9 +37,9 @@ def run_table(root, *args, numbers=False):
 @pytest.fixture
 def tree(tmp_path):
     """A copy of the documents and results files: the tests change it, never the repository."""
-    os.makedirs(tmp_path / "bench")
-    shutil.copy(os.path.join(ROOT, "README.md"), tmp_path / "README.md")
-    shutil.copy(os.path.join(ROOT, "bench", "README.md"), tmp_path / "bench" / "README.md")
+    os.makedirs(tmp_path / "bench" / "probes")
+    for doc in table.DOCS:
+        shutil.copy(os.path.join(ROOT, doc), tmp_path / doc)
     shutil.copytree(os.path.join(ROOT, "bench", "results"), tmp_path / "bench" / "results")
     shutil.rmtree(tmp_path / "bench" / "results" / "cpu", ignore_errors=True)  # start from no runs
     for f in table.FIGURES:
@@ -71,12 +71,13 @@ def test_mean_and_sample_std_over_seeds(tree):
     fake_run(tree, "seq_lora", 1, last=14.0, avg=22.0, forget=26.0, task_id=16.0)
     fake_run(tree, "joint", 0, last=55.0, avg=55.0, forget=0.0, tasks=1)
     md = table.t_cpu(str(tree))
-    row = next(line for line in md.splitlines() if line.startswith("| seq_lora |"))
+    row = next(line for line in md.splitlines() if line.startswith("| seq_lora (`--method seq_lora`) |"))
     # sample std of (10, 14) is sqrt(8) = 2.83; of (30, 26) too; task-id (12, 16)
-    assert row == "| seq_lora | 2 of 3 | 12.00 ± 2.83 | 21.00 ± 1.41 | 28.00 ± 2.83 | 14.00 ± 2.83 | 60.00 ± 0.00 |"
+    assert row == ("| seq_lora (`--method seq_lora`) | 2 of 3 | 12.00 ± 2.83 | 21.00 ± 1.41 | 28.00 ± 2.83 "
+                   "| 14.00 ± 2.83 | 60.00 ± 0.00 |")
     joint = next(line for line in md.splitlines() if line.startswith("| joint"))
     assert joint.endswith("| 1 of 3 | 55.00 | 55.00 | – | – | – |")  # one seed: no std; one task: no F, no probe
-    assert "| simple_cil | 0 of 3 | pending |" in md
+    assert "| simple_cil (`--method simple_cil`) | 0 of 3 | pending |" in md
     s = table.summary(str(tree))
     assert [r["row"] for r in s["rows"]] == ["joint", "seq_lora"]  # the table's order, finished rows only
     seq = s["rows"][1]
@@ -95,14 +96,17 @@ def test_goal_table_compares_each_row_with_seq_lora_and_joint(tree):
     fake_run(tree, "c_lora", 1, last=11.5, avg=19.0, forget=31.0)
     md = table.t_cpu_goal(str(tree)).splitlines()
     # c_lora's mean is above seq_lora's, but seed by seed only its seed 0 run has a seq_lora run to meet: below
-    assert md[2:] == ["| sd_lora | 1 of 3 | +28.50 | yes | 1 of 1 | -18.00 | yes | 1 of 1 | 1.50 | yes | – |",
-                      "| c_lora | 2 of 3 | +0.25 | yes | 0 of 1 | +1.00 | NO | 0 of 1 | 29.75 | no | – |"]
+    assert md[2:] == [
+        "| sd_lora (`--method sd_lora`) | 1 of 3 | +28.50 | yes | 1 of 1 | -18.00 | yes | 1 of 1 | 1.50 | yes | – |",
+        "| c_lora (`--method c_lora`) | 2 of 3 | +0.25 | yes | 0 of 1 | +1.00 | NO | 0 of 1 | 29.75 | no | – |"]
     fake_run(tree, "seq_lora", 1, last=10.0, avg=20.0, forget=32.0)
     md = table.t_cpu_goal(str(tree)).splitlines()  # seq_lora's mean F is now 31.0: c_lora's 31.0 is not below it
-    assert md[3] == "| c_lora | 2 of 3 | +0.25 | yes | 1 of 2 | +0.00 | NO | 1 of 2 | 29.75 | no | – |"
+    assert md[3] == ("| c_lora (`--method c_lora`) | 2 of 3 | +0.25 | yes | 1 of 2 | +0.00 | NO | 1 of 2 | 29.75 "
+                     "| no | – |")
     fake_run(tree, "simple_cil", 0, last=30.0, avg=40.0, forget=15.0)
     md = table.t_cpu_goal(str(tree)).splitlines()
-    assert md[2] == "| simple_cil | 1 of 3 | +20.00 | yes | 1 of 1 | -16.00 | yes | 1 of 1 | 10.00 | no | – |"
+    assert md[2] == ("| simple_cil (`--method simple_cil`) | 1 of 3 | +20.00 | yes | 1 of 1 | -16.00 | yes | 1 of 1 "
+                     "| 10.00 | no | – |")
     assert md[3].endswith("| 1.50 | yes | +8.50 |") and md[4].endswith("| no | -19.75 |")
 
 
@@ -118,7 +122,8 @@ def test_check_fails_on_a_new_run_and_the_rewrite_fixes_it(tree):
     assert run_table(tree).returncode == 0
     assert run_table(tree, "--check").returncode == 0
     after = (tree / "README.md").read_text()
-    assert "| inflora | 1 of 3 | 11.00 | 21.00 | 9.00 | 20.00 | 60.00 |" in after and after != before
+    assert "| inflora (`--method inflora`) | 1 of 3 | 11.00 | 21.00 | 9.00 | 20.00 | 60.00 |" in after
+    assert after != before
     for f in table.FIGURES:
         assert (tree / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((tree / table.SUMMARY).read_text())
@@ -144,7 +149,9 @@ def test_a_results_table_outside_the_markers_is_caught(tree):
 
 def test_a_number_typed_into_the_prose_needs_a_source(tmp_path):
     os.makedirs(tmp_path / "bench" / "results")
+    os.makedirs(tmp_path / "bench" / "probes")
     (tmp_path / "bench" / "README.md").write_text("no tables here\n")
+    (tmp_path / "bench" / "probes" / "README.md").write_text("none here either\n")
     (tmp_path / "bench" / "results" / "probe.json").write_text('{"residual": 1.312e-01, "acc": 27.72}')
     head = "# x\n\n| metric | formula | in results.json |\n|---|---|---|\n| A_T | 12.34 | last_acc |\n\n```\n56.78\n```\n\n"
     (tmp_path / "README.md").write_text(head + "A paragraph citing 27.72 and 0.13\n(`results/probe.json`).\n\n"
@@ -188,7 +195,8 @@ def test_benchmark_rows_are_valid_train_commands(tmp_path):
         assert args.preset == "cpu" and args.seed == 2 and args.order_seed == 1993
         assert args.tasks == (1 if row == "joint" else 10)
         # every method at its defaults but the row's own options
-        assert table.label(row).split()[0] in ("joint", args.method)
+        assert table.label(row) == f"{row} (`{' '.join(cpu_benchmark.ROWS[row])}`)" and row.startswith(
+            "joint" if row == "joint" else args.method)
     args, cfg, _ = train.parse(cpu_benchmark.command("sr2_lora_ca_ce", 0, data, weights, str(tmp_path))[2:])
     assert cfg.ca == "ce"
     args, cfg, _ = train.parse(cpu_benchmark.command("sd_lora_kd", 0, data, weights, str(tmp_path))[2:])
@@ -253,7 +261,8 @@ def test_ncm_probe_rows_come_from_each_runs_json(tree):
         "run": {"acc": 12.0, "task_id": 17.5, "won": [1, 1999]},
         "ncm": {"acc": 20.0, "task_id": 30.0, "won": [990, 1010]}}))
     lines = table.t_ncm_probe(str(tree)).splitlines()
-    assert len(lines) == 3 and lines[2] == "| c_lora | 0 | 12.00 | 17.50 | 1 / 1999 | 20.00 | 30.00 | 990 / 1010 |"
+    assert len(lines) == 3 and lines[2] == ("| c_lora (`--method c_lora`) | 0 | 12.00 | 17.50 | 1 / 1999 | 20.00 "
+                                           "| 30.00 | 990 / 1010 |")
 
 
 def test_ca_stats_probe_rows_come_from_each_runs_json_with_its_drift_once(tree):
@@ -265,8 +274,9 @@ def test_ca_stats_probe_rows_come_from_each_runs_json_with_its_drift_once(tree):
         "drift": [{"cos": 0.7712, "rel_shift": 0.65}, {"cos": 1.0, "rel_shift": 0.0}]}))
     lines = table.t_ca_stats_probe(str(tree)).splitlines()
     assert lines[2:] == [
-        "| inflora `--ca` | 2 | checkpoint (aligned in the run) | 20.00 | 25.00 | 10 / 1990 | 0.771 / 1.000 | 0.650 / 0.000 |",
-        "| inflora `--ca` | 2 | fresh statistics | 31.00 | 38.50 | 1001 / 999 |  |  |"]
+        "| inflora_ca (`--method inflora --ca`) | 2 | checkpoint (aligned in the run) | 20.00 | 25.00 | 10 / 1990 | "
+        "0.771 / 1.000 | 0.650 / 0.000 |",
+        "| inflora_ca (`--method inflora --ca`) | 2 | fresh statistics | 31.00 | 38.50 | 1001 / 999 |  |  |"]
 
 
 def test_inflora_memory_probe_rows_are_one_per_block(tree):
@@ -309,7 +319,7 @@ def test_the_probes_after_a_run_depend_on_its_row_and_seed():
     assert scripts("sd_lora_kd", 1) == ["task_id_probe.py"]
     for row in cpu_benchmark.ROWS:
         for txt, (script, *args) in cpu_benchmark.probes(row, 0, "RUN", "DEST", "DATA", "W"):
-            assert os.path.isfile(os.path.join(ROOT, "bench", script))
+            assert os.path.isfile(os.path.join(ROOT, "bench", "probes", script))
             assert txt.endswith(".txt") and all(a.endswith(".json") for a in args if a.startswith("DEST"))
     txt, (_, *args) = cpu_benchmark.probes("sr2_lora_ca_ce", 2, "RUN", "DEST", "DATA", "W")[-1]
     assert txt == os.path.join(ROOT, "bench", "results", "frozen_ca_probe", "seed2.txt")
@@ -338,3 +348,40 @@ def test_until_starts_only_a_run_that_fits(tmp_path, monkeypatch):
     assert (t.hour, t.minute, t.date()) == (7, 5, cpu_benchmark.datetime.now().date())
     with pytest.raises(Exception, match="neither HH:MM"):
         cpu_benchmark.until("tonight")
+
+
+def test_out_runs_a_committed_row_again_into_its_folder_and_compares(tmp_path, monkeypatch, capsys):
+    """--out: a run even where the committed one is done, its results in DIR, the committed run beside it; no
+    commit, no table rewritten. (The cpu preset's command is swapped for a 2-task smoke run, the probes left out.)"""
+    committed = tmp_path / "committed"
+    (committed / "sd_lora" / "seed0").mkdir(parents=True)
+    (committed / "sd_lora" / "seed0" / "results.json").write_text(json.dumps(
+        {"curve": [50.0, 40.0], "last_acc": 40.0, "avg_inc_acc": 45.0, "forgetting": 10.0, "tasks_done": 2}))
+    monkeypatch.setattr(cpu_benchmark, "RESULTS", str(committed))
+    monkeypatch.setattr(cpu_benchmark, "command", lambda row, seed, data, weights, out: [
+        sys.executable, "train.py", "--preset", "smoke", "--method", "sd_lora", "--tasks", "2", "--weights", "random",
+        "--seed", str(seed), "--out", out])
+    monkeypatch.setattr(cpu_benchmark, "probes", lambda *a: [])
+    monkeypatch.setattr(cpu_benchmark, "commit", lambda *a: pytest.fail("--out must not commit"))
+    readme = open(os.path.join(ROOT, "bench", "README.md")).read()
+    data, weights, out = tmp_path / "data", tmp_path / "w.pth", tmp_path / "mine"
+    data.mkdir()
+    weights.write_bytes(b"")
+    common = ["--rows", "sd_lora", "--seeds", "0", "--data-root", str(data), "--weights", str(weights)]
+    with pytest.raises(SystemExit) as e:  # neither --out nor --commit: one error, nothing run or created
+        cpu_benchmark.main(common)
+    assert e.value.code == 2 and "--out DIR" in capsys.readouterr().err and not out.exists()
+    cpu_benchmark.main(common + ["--out", str(out)])
+    text = capsys.readouterr().out
+    mine = json.loads((out / "sd_lora" / "seed0" / "results.json").read_text())
+    assert f"sd_lora seed 0: results in {out / 'sd_lora' / 'seed0'}" in text
+    assert f"this run:      A_T {mine['last_acc']:.2f}," in text
+    assert "committed run: A_T 40.00, average incremental 45.00, forgetting 10.00, 2 tasks" in text
+    assert f"A_T differs by {mine['last_acc'] - 40.0:+.2f} points" in text
+    assert (out / "sd_lora" / "seed0" / "train.log").read_text().startswith("$ train.py --preset smoke")
+    assert os.listdir(committed / "sd_lora" / "seed0") == ["results.json"]  # the committed run untouched
+    assert open(os.path.join(ROOT, "bench", "README.md")).read() == readme  # no table rewritten
+    cpu_benchmark.main(common + ["--out", str(out)])  # done in DIR: said, not run again
+    text = capsys.readouterr().out
+    assert "sd_lora seed 0: already done in" in text and "nothing left to run" in text
+

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import runs
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +66,7 @@ def check_outputs(d, method):
     assert ck["progress"]["acc"] == r["acc_matrix"] and ck["identity"] == cfg["identity"]
     # the checkpoint holds the method's own tensors, none of the (unchanged) backbone
     backbone = set(train.bb.create("vit_tiny_test")[0].state_dict())
-    assert ck["state"] and not any(train.backbone_key(k, backbone) for k in ck["state"])
+    assert ck["state"] and not any(runs.backbone_key(k, backbone) for k in ck["state"])
     assert sum(v.numel() for v in ck["state"].values()) == r["per_task"][-1]["stored_params"]
     counts = [p["trainable_params"] for p in r["per_task"]]
     if method == "seq_lora":  # the shared LoRA (q, v of 2 blocks, r = 10, d = 32) plus the current head
@@ -244,7 +245,7 @@ def test_checkpoint_state_drops_only_the_unchanged_backbone():
     method.prev = copy.deepcopy(vit)  # a copy of the backbone (as a KD teacher would be)
     with torch.no_grad():
         vit.blocks[0].attn.qkv.weight += 1.0  # merged into the backbone (keep_lora)
-    stored = train.method_state(method.state_dict(), base)
+    stored = runs.method_state(method.state_dict(), base)
     assert set(stored) == {"vit.blocks.0.attn.qkv.weight", "head.weight", "head.bias"}
     fresh = nn.Module()
     fresh.vit, fresh.head, fresh.prev = train.bb.create("vit_tiny_test")[0], nn.Linear(32, 4), train.bb.create(
@@ -252,7 +253,7 @@ def test_checkpoint_state_drops_only_the_unchanged_backbone():
     with torch.no_grad():
         for p in fresh.parameters():
             p.normal_()  # every value must come from the checkpoint or the pristine backbone
-    train.load_method_state(fresh, stored, base)
+    runs.load_method_state(fresh, stored, base)
     sd, want = fresh.state_dict(), method.state_dict()
     assert sd.keys() == want.keys() and all(torch.equal(sd[k], want[k]) for k in sd)
 
@@ -343,7 +344,7 @@ BAD = [
     ([*S, "--backbone", "vit_huge"], "--backbone must be one of"),
     ([*S, "--out", "{tmp}/afile"], "is a file"),
     ([*S, "--out", "{tmp}/afile/runs"], "is a file"),
-    pytest.param([*S, "--out", "{tmp}/ro/runs"], "not writable",
+    pytest.param([*S, "--out", "{tmp}/ro/runs"], "cannot write in",
                  marks=pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")),
     ([*S, "--dataset", "cifar100", "--data-root", "{tmp}/nowhere"], "three ways"),
     ([*S, "--dataset", "cifar100"], "no_data_dir"),  # $CIL_DATA that does not exist is not created
@@ -429,3 +430,8 @@ def test_cifar_mini_run_with_small_vit_resumes_with_data_moved(tmp_path, capsys)
     assert train.main(["--resume", d, "--data-root", str(tmp_path / "there.npz"), "--quiet", "--stop-after", "2"]) == 0
     r = results(d)
     assert r["n_test"] == [30, 30] and r["tasks_done"] == 2 and all(p["final_loss"] > 0 for p in r["per_task"])
+
+
+def test_smoke_preset_default_tasks_hold_two_digits_each():
+    args, _, _ = train.parse(["--method", "simple_cil", "--preset", "smoke"])
+    assert args.tasks == 5  # digits: 10 classes, so 2 a task (a task of one class learns nothing from CE)

@@ -11,7 +11,7 @@ set to zero; the branches only add), computes M on task 1's training images per 
 and the fraction of task 1's input energy, trace(P^T M P) / trace(M), inside each, and inside the memory the
 run ended with. What a basis misses is what later branches are free to change.
 
-    python bench/inflora_memory_probe.py RUN_DIR [--data-root ../shared/data] [--json F] [--threads N]
+    python bench/probes/inflora_memory_probe.py RUN_DIR [--data-root ../shared/data] [--json F] [--threads N]
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ A probe script calls `open_run(__doc__, ...)`; its command line is then
 
     RUN_DIR [--data-root D] [--weights W] [--json F] [--threads N]
 
-(--weights and --json only where asked for). The run's options come from its config.json (train.py --resume's rules: data
-and weights must be the run's); a run of another method is one error line and exit status 1.
+(--weights and --json only where asked for). The run's options come from its config.json (train.py --resume's
+rules: data and weights must be the run's); a run of another method is one error line and exit status 1.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train  # noqa: E402
 
 

@@ -15,7 +15,7 @@ cheap (a few minutes on 2 cores). The one difference from a run: step 2 trains o
 run's head sees augmented images (RandomResizedCrop + flip). The statistics of step 3 use the same clean
 features and the same formula as the method's end_task.
 
-    python bench/frozen_ca_probe.py --data-root ../shared/data [--seed 0] [--ca ce sr2] [--json F]
+    python bench/probes/frozen_ca_probe.py --data-root ../shared/data [--seed 0] [--ca ce sr2] [--json F]
 """
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train  # noqa: E402
 from backbone import features  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-WEIGHTS = os.path.join(HERE, "..", "..", "shared", "weights", "vit_small32_tin.pth")  # beside the repository
+WEIGHTS = os.path.join(HERE, "..", "..", "..", "shared", "weights", "vit_small32_tin.pth")  # beside the repository
 
 
 @torch.no_grad()

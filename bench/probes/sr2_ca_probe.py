@@ -1,12 +1,12 @@
 """Why SR²-LoRA's classifier alignment collapses on the `cpu` preset: re-run the alignment from a checkpoint.
 
-Loads the checkpoint of an sr2_lora run directory (e.g. a `cpu`-preset run stopped with `--stop-after 7`), then, from the checkpoint's (already aligned) heads, runs
-the alignment again with three losses: SR²'s (entropy + logit-normalised CE, the official default), the
-logit-normalised CE alone, and plain CE (the official `vanilla` base, SLCA). For each it prints the accuracy on
-the seen test classes, the accuracy on fresh Gaussian replay from the stored statistics (what the alignment
-fits), and how many test images each task's head wins.
+Loads the checkpoint of an sr2_lora run directory (e.g. a `cpu`-preset run stopped with `--stop-after 7`), then,
+from the checkpoint's (already aligned) heads, runs the alignment again with three losses: SR²'s (entropy +
+logit-normalised CE, the official default), the logit-normalised CE alone, and plain CE (the official `vanilla`
+base, SLCA). For each it prints the accuracy on the seen test classes, the accuracy on fresh Gaussian replay from
+the stored statistics (what the alignment fits), and how many test images each task's head wins.
 
-    python bench/sr2_ca_probe.py RUN_DIR     # --data-root / --weights only if they have moved since the run
+    python bench/probes/sr2_ca_probe.py RUN_DIR     # --data-root / --weights only if they have moved since the run
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ oracle the method cannot use, which isolates the prototypes' age from everything
 the cosine between each class's stored and fresh prototype, and the test images each task's classes win
 with the stored and with the fresh prototypes; and the test accuracy both ways.
 
-    python bench/cl_lora_proto_probe.py RUN_DIR [--data-root ../shared/data] [--json F]
+    python bench/probes/cl_lora_proto_probe.py RUN_DIR [--data-root ../shared/data] [--json F]
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from finished_run import open_run, scores, write_json
-import train  # noqa: E402  (finished_run puts the repository on the path)
+import metrics  # noqa: E402  (finished_run puts the repository on the path)
 
 
 @torch.no_grad()
@@ -43,7 +43,7 @@ def main() -> None:
         labels.append(y)
     y = torch.cat(labels)
     task_of = torch.bucketize(torch.arange(m.offsets[-1]), torch.tensor(m.offsets[1:]), right=True)
-    run_acc = train.accuracy_curve(progress["acc"], progress["n_test"])[-1]
+    run_acc = metrics.accuracy_curve(progress["acc"], progress["n_test"])[-1]
     out = {"method": "cl_lora", "tasks": k, "images": len(y), "run_last_acc": run_acc}
     print(f"cl_lora after task {k}: {len(y)} test images of {m.offsets[-1]} classes (the run's A_T {run_acc:.2f})")
     for name in preds:

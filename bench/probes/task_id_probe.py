@@ -7,7 +7,7 @@ scores the test images of every seen class three ways:
     task-id        the task of the task-agnostic prediction equals the image's task
 plus, per task, how many test images each task's classes win.
 
-    python bench/task_id_probe.py bench/runs/cifar100__cl_lora__s0__... [--data-root ../shared/data] [--json F]
+    python bench/probes/task_id_probe.py bench/runs/cifar100__cl_lora__s0__... [--data-root ../shared/data] [--json F]
 
 --json F also writes the three accuracies, the images won per task and the per-task rows to F.
 """

@@ -13,7 +13,7 @@ class_statistics on its training images with test transforms: an oracle the meth
 prints the accuracy on the seen test classes, the task-id accuracy and the test images each task's heads win;
 and, per task, how far the stored means are from the fresh ones.
 
-    python bench/ca_stats_probe.py RUN_DIR [--data-root ../shared/data] [--json F] [--threads N]
+    python bench/probes/ca_stats_probe.py RUN_DIR [--data-root ../shared/data] [--json F] [--threads N]
 """
 from __future__ import annotations
 

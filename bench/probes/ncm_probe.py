@@ -8,7 +8,7 @@ If the means do much better than the run's own classifier, the final features st
 and what failed is the classifier (old heads that no longer fit the moved features, or a recency bias);
 if they do not, the representation itself forgot.
 
-    python bench/ncm_probe.py RUN_DIR [--data-root ../shared/data] [--json F] [--threads N]
+    python bench/probes/ncm_probe.py RUN_DIR [--data-root ../shared/data] [--json F] [--threads N]
 """
 from __future__ import annotations
 

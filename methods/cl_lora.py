@@ -5,6 +5,7 @@ Learning", CVPR 2025, arXiv 2505.24816.
 Official code: JiangpengHe/CL-LoRA @ df4e74e (a LAMDA-PILOT / EASE fork). "cllora.py L<n>" below is
 `models/cllora.py` line n at that commit, "vit L<n>" `backbone/vit_cllora.py`, "inc_net L<n>" `utils/inc_net.py`,
 "linears L<n>" `backbone/linears.py`, "cifar.json L<n>" `exps/cifar.json`.
+Where this file departs from the paper or the official code: "Deviations" below.
 
 Implements (A = down r x d, B = up d x r, delta W = B A; the official `lora_B` is our A and its `lora_A` our B,
 vit L38-39; l = split = depth // 2: 6 of 12 for ViT-B, 3 of 6 for vit_small32; t is 0-indexed, K_t classes

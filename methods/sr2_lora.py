@@ -6,6 +6,7 @@ Official code: FqWan24/SR-2-LoRA @ ea5da65, a fork of InfLoRA (liangyanshuo/InfL
 registered there as `dlora`. The paper's full text was not available when this file was written, so every detail
 follows the official code, cited as file and line at ea5da65 (dlora = methods/dlora.py, sinet =
 models/sinet_dlora.py, vit = models/vit_dlora.py).
+Where this file departs from the official code (there is no paper text to depart from): "Deviations" below.
 
 Implements (A = down (r x d), B = up (d x r); t = current task, 0-indexed):
     W_m^(t) = W_m + sum_{s<=t} B_s^m A_s^m,  m in {k, v}, every block; no alpha/r          vit L257-291

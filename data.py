@@ -14,7 +14,9 @@ Datasets (each a pair of train/test sets of uint8 images (H, W, 3) or image file
   is searched for torchvision's cifar-100-python/, else DATA_ROOT/cifar100.npz; when neither exists and the
   CIFAR server answers, torchvision downloads into DATA_ROOT (the only case in which anything is created)
 - digits: scikit-learn's bundled 8x8 digits (10 classes, 1,797 images), a fixed stratified 80/20 split
-- imagenet_r, cub: ImageFolder trees DATA_ROOT/<name>/{train,test}/<class>/<image>
+- imagenet_r, imagenet_a, cub, domainnet: ImageFolder trees DATA_ROOT/<name>/{train,test}/<class>/<image>, as
+  prepare.py writes them from the publishers' archives (or as PILOT's Drive archives unpack); classes in
+  sorted order. A tree with prepare.py's split.json must hold the counts it records
 Every label must lie in [0, num_classes) and every class must have a training image (else DataError).
 
 Augmentation does not depend on the number of loader workers: each image's random draws come from a
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-DATASETS = ("cifar100", "digits", "imagenet_r", "cub")
+DATASETS = ("cifar100", "digits", "imagenet_r", "imagenet_a", "cub", "domainnet")
 
 
 class DataError(ValueError):
@@ -139,7 +141,7 @@ def load_dataset(name: str, root: str) -> Splits:
         splits, source = _cifar100(root)
     elif name == "digits":
         splits, source = _digits(), "scikit-learn's digits"
-    elif name in ("imagenet_r", "cub"):
+    elif name in ("imagenet_r", "imagenet_a", "cub", "domainnet"):
         splits, source = _folder(name, root), os.path.join(root, name)
     else:
         raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
@@ -250,13 +252,26 @@ def _folder(name: str, root: str) -> Splits:
     base = os.path.join(root, name)
     tr, te = os.path.join(base, "train"), os.path.join(base, "test")
     if not (os.path.isdir(tr) and os.path.isdir(te)):
-        raise DataError(f"{name} needs the folders {tr} and {te} (ImageFolder trees: <split>/<class>/<image>)")
+        raise DataError(f"{name} needs the folders {tr} and {te} (ImageFolder trees: <split>/<class>/<image>); "
+                        f"make them with: python prepare.py {name} --archive FILE --out {root}")
     classes = sorted(c for c in os.listdir(tr) if os.path.isdir(os.path.join(tr, c)))
     missing = sorted(set(classes) ^ {c for c in os.listdir(te) if os.path.isdir(os.path.join(te, c))})
     if not classes or missing:
         raise DataError(f"{name}: train/ and test/ must hold the same non-empty class folders"
                         + (f" (differ in {', '.join(missing[:5])})" if missing else ""))
-    return Splits(FolderImages(tr, classes), FolderImages(te, classes), len(classes), 0)
+    splits = Splits(FolderImages(tr, classes), FolderImages(te, classes), len(classes), 0)
+    record = os.path.join(base, "split.json")
+    if os.path.isfile(record):  # written by prepare.py: the tree must still be that split
+        import json
+        with open(record) as fh:
+            want = json.load(fh)
+        have = {"train": len(splits.train), "test": len(splits.test), "classes": len(classes)}
+        if any(have[k] != want.get(k) for k in have):
+            raise DataError(f"{base} holds {have['train']} training and {have['test']} test images in "
+                            f"{have['classes']} classes, but its split.json says {want.get('train')}, "
+                            f"{want.get('test')} and {want.get('classes')}: images were removed or added; "
+                            f"remove {base} and run prepare.py {name} again")
+    return splits
 
 
 # ----------------------------------------------------------------------------------------------------

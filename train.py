@@ -41,6 +41,8 @@ OPTIONS = {
     "init_cls": (0, "classes in the first task (0: from --tasks)"),
     "increment": (0, "with --init-cls: classes in every later task, the remainder last (0: as many as --init-cls)"),
     "dataset": ("", "the dataset"),
+    "protocol": ("", "official: the method's own task split and class order for the dataset (--preset paper); "
+                     "common: --tasks and the seed-1993 order for every method, for side-by-side tables"),
     "data_root": ("", "dataset folder, or a cifar100 .npz file ($CIL_DATA, else ./data)"),
     "weights": ("", "'random', a file holding a timm-layout state dict, or a pinned timm tag"),
     "backbone": ("", "a backbone.py preset (" + ", ".join(bb.PRESETS) + "), or timm:<architecture>"),
@@ -59,27 +61,33 @@ OPTIONS = {
     "quiet": (False, "no progress output"),
 }
 TrainArgs = dataclasses.make_dataclass("TrainArgs", [(k, type(d), d) for k, (d, _) in OPTIONS.items()], frozen=True)
-CHOICES = {"preset": ("paper", "cpu", "smoke"), "dataset": cil_data.DATASETS, "amp": ("none", "bf16", "fp16"),
+CHOICES = {"preset": ("paper", "cpu", "smoke"), "dataset": cil_data.DATASETS, "protocol": ("official", "common"),
+           "amp": ("none", "bf16", "fp16"),
            "normalize": ("weights", "none_01"), "train_aug": ("rrc", "crop", "none"), "method": tuple(METHODS)}
-METHOD_KEYS = ("epochs", "batch_size", "lr")  # method options a preset may set
+ORDER_KEYS = ("tasks", "order_seed", "natural_order")  # what --protocol common takes from no method
 # options that may differ on --resume: not properties of the run (the weights are checked by content hash)
 RESUME_FREE = {"resume", "device", "workers", "quiet", "out", "eval_batch_size", "data_root", "stop_after", "weights"}
 PROGRESS_SECONDS = 10.0  # a progress line this often where stdout is not a terminal
 
 
-def presets(method: str | None) -> dict:
-    """Every value a preset gives; read when the parser is built, so --help shows what a run will use."""
-    paper_weights = getattr(METHODS.get(method), "PAPER_WEIGHTS", "vit_base_patch16_224.augreg_in21k")
+def presets(method: str | None, dataset: str = "", protocol: str = "") -> dict:
+    """Every value a preset gives; read when the parser is built, so --help shows what a run will use. The paper
+    preset applies the method's OFFICIAL settings for the dataset (run options and Config values); under
+    --protocol common, all but the task split and class order."""
+    module = METHODS.get(method)
+    official = {k: v for k, v in getattr(module, "OFFICIAL", {}).get(dataset or "cifar100", {}).items()
+                if protocol != "common" or k not in ORDER_KEYS}
     return {
-        "paper": dict(backbone="vit_base_patch16_224", weights=paper_weights, dataset="cifar100", amp="none",
-                      normalize="none_01", train_aug="rrc", workers=8),
+        "paper": {**dict(backbone="vit_base_patch16_224", weights=getattr(module, "PAPER_WEIGHTS",
+                         "vit_base_patch16_224.augreg_in21k"), dataset=dataset or "cifar100", protocol="official",
+                         amp="none", normalize="none_01", train_aug="rrc", workers=8), **official},
         # fp32, not bf16: on the 2-core benchmark machine bf16 autocast measured slower per step than fp32 for
         # every method at this width and batch (README, Presets); --amp bf16 is there for CPUs where it pays
         "cpu": dict(backbone="vit_small32", weights=os.environ.get("CIL_WEIGHTS") or "weights/vit_small32_tin.pth",
-                    dataset="cifar100", amp="none", normalize="weights", train_aug="rrc", workers=0, epochs=3,
-                    batch_size=64),
-        "smoke": dict(backbone="vit_tiny_test", weights="random", dataset="digits", amp="none", normalize="weights",
-                      train_aug="none", workers=0, epochs=3, batch_size=32, tasks=5),  # 2 of the 10 digits a task
+                    dataset="cifar100", protocol="common", amp="none", normalize="weights", train_aug="rrc",
+                    workers=0, epochs=3, batch_size=64),
+        "smoke": dict(backbone="vit_tiny_test", weights="random", dataset="digits", protocol="common", amp="none",
+                      normalize="weights", train_aug="none", workers=0, epochs=3, batch_size=32, tasks=5),
     }
 
 
@@ -117,21 +125,24 @@ def parse(argv: list[str]) -> tuple[TrainArgs, object, dict | None]:
     """(run options, method Config, the resumed run's config.json or None): defaults <- preset <- the resumed
     run's options <- the command line. On --resume an option that contradicts the run is an error."""
     first = _Parser(add_help=False)
-    for flag in ("--method", "--preset", "--resume"):
+    for flag in ("--method", "--preset", "--resume", "--dataset", "--protocol"):
         first.add_argument(flag, choices=CHOICES.get(flag[2:]))
     known, _ = first.parse_known_args(argv)
     saved = runs.read_config(os.path.abspath(known.resume), METHODS, CHOICES["preset"]) if known.resume else None
     method = saved["run"]["method"] if saved else known.method
     module = METHODS.get(method)
     preset = saved["run"].get("preset") if saved else known.preset or "paper"
-    run = {**{k: d for k, (d, _) in OPTIONS.items()},
-           **{k: v for k, v in presets(method)[preset].items() if k not in METHOD_KEYS},
+    dataset, protocol = (saved["run"].get(k) if saved else getattr(known, k) for k in ("dataset", "protocol"))
+    pre = presets(method, dataset or "", protocol or "")[preset]
+    run = {**{k: d for k, (d, _) in OPTIONS.items()}, **{k: v for k, v in pre.items() if k in OPTIONS},
            "method": method or "", "preset": preset, "data_root": os.path.abspath(os.environ.get("CIL_DATA") or "data"),
            "device": ("cuda" if distributed.local_rank() is None else f"cuda:{distributed.local_rank()}")
            if torch.cuda.is_available() else "cpu"}
     run["workers"] = min(run["workers"], cores())
-    cfg, pre = dataclasses.asdict(module.Config()) if module else {}, presets(method)[preset]
-    notes = {k: f"; --preset {preset} overrides the paper's {cfg[k]}" for k in METHOD_KEYS if k in cfg and k in pre}
+    cfg = dataclasses.asdict(module.Config()) if module else {}
+    notes = {k: f"; --preset {preset} overrides the paper's {cfg[k]}" if preset != "paper" else
+             f": the official {pre['dataset']} setting (Config: {cfg[k]})"
+             for k in pre if k in cfg and pre[k] != cfg[k]}
     cfg.update({k: pre[k] for k in notes})
     if saved:  # the run's own options; the free ones from this command line, else the defaults (paths kept)
         kept = runs.checked(RUN_SPECS, saved["run"], "config.json 'run'")
@@ -168,6 +179,8 @@ def validate(args: TrainArgs) -> None:
     why = None if args.resume else runs.cannot_write(args.out)  # a probe file where the run directory will go
     problems = [
         (args.tasks < 1, f"--tasks must be at least 1 (got {args.tasks})"),
+        (args.protocol == "official" and args.preset != "paper", f"--protocol official is for --preset paper (the "
+         f"official settings are ViT-B/16 ones); --preset {args.preset} runs the common protocol"),
         (args.init_cls < 0 or args.increment < 0, "--init-cls and --increment must be >= 0"),
         (args.increment > 0 and args.init_cls == 0, "--increment needs --init-cls (the first task's classes)"),
         (not 0 <= args.seed < 2**31, f"--seed must be in [0, 2**31) (got {args.seed})"),
@@ -384,6 +397,10 @@ def run(args: TrainArgs, cfg, dist: distributed.Dist, saved: dict | None, locks:
     lead = dist.rank == 0
     if args.resume and lead:  # a second process on the same run directory refuses before reading anything
         locks.enter_context(runs.lock(args.resume))
+    official = (*getattr(METHODS[args.method], "OFFICIAL", {}), "digits")  # digits: the smoke tests' dataset
+    if lead and args.preset == "paper" and args.dataset not in official:
+        print(f"train.py: note: {args.method} has no official config for {args.dataset}: it runs with its "
+              "CIFAR-100 settings", file=sys.stderr, flush=True)
     try:
         stream, method, base, winfo, ident, progress = setup(args, cfg, saved)
     except (cil_data.DataError, bb.WeightsError) as e:
@@ -391,6 +408,7 @@ def run(args: TrainArgs, cfg, dist: distributed.Dist, saved: dict | None, locks:
     T = len(stream.sizes)
     for bad, message in [(args.preset == "paper" and args.device == "cpu", "--preset paper is the GPU setting ("
                           "ViT-B/16 at 224 px, the papers' epochs); on a CPU use --preset cpu"),
+
                          (any(len(c) == 1 for c in stream.tasks), f"{sum(len(c) == 1 for c in stream.tasks)} of the "
                           f"{T} tasks have a single class: a local cross-entropy over one class is 0, so such a task "
                           "learns nothing from it")]:

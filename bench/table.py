@@ -40,6 +40,7 @@ NOT_RESULTS = {
     "| preset | backbone | data | epochs, batch | precision | what it is for |",
     "| `--method` | paper | official code (commit read) | what differs from sequential LoRA |",
     "| metric | formula | in results.json |",
+    "| dataset | split | train / test | where it comes from |",
 }
 
 
@@ -433,14 +434,49 @@ def t_overview(root: str) -> str:
          took("bench/results/long_sequences.json"), "results/long_sequences.json"],
         ["`OMP_NUM_THREADS=2 python bench/paper_shapes.py`", "`paper_shapes`",
          took("bench/results/paper_shapes_cpu.json"), "results/paper_shapes_cpu.json"],
+        ["`python bench/paper_runs.py --list`", "README's Reproducing the papers: a train.py command per paper "
+         "row; then `python bench/paper_table.py RUN...` compares", "not run here (a GPU)", "train.py's --out"],
         ["`bench/device_check.sh` (a GPU machine)", "the GPU checks", took(gpu) if os.path.isfile(
             os.path.join(root, gpu)) else "not run yet (budget 460 s)", "results/gpu/"],
     ]
     return md(["command", "reproduces", "time on the build machine", "results in bench/"], rows)
 
 
+def t_paper(root: str) -> str:
+    """README's 'Reproducing the papers': every row of bench/paper_numbers.json with its train.py command."""
+    import paper_runs
+    rows = paper_runs.load(os.path.join(root, "bench", "paper_numbers.json"))
+    out = []
+    for r, cmd in paper_runs.runs(rows):
+        same = [p for p in rows if (p["row"], p["dataset"], p["tasks"], p["reported_by"]) ==
+                (r["row"], r["dataset"], r["tasks"], r["reported_by"])]
+        nums = "; ".join(f"{p['last_acc'] if p['last_acc'] is not None else 'not found'} / "
+                         f"{p['avg_inc_acc'] if p['avg_inc_acc'] is not None else 'not found'} "
+                         f"({p['kind']}{'' if p['verified'] else ', unverified'})" for p in same)
+        out.append([r["row"], r["dataset"], str(r["tasks"]), r["reported_by"], nums,
+                    f"`{' '.join(cmd[2:-2])}`" if cmd else "no counterpart here"])
+    return md(["row", "dataset", "T", "reported by", "A_T / Ā", "`python train.py` ..."], out)
+
+
+def t_paper_settings(root: str) -> str:
+    """The OFFICIAL settings of every method file per dataset (`--preset paper --dataset NAME`)."""
+    sys.path.insert(0, root)
+    from methods import METHODS
+    out = []
+    for name, module in METHODS.items():
+        have = module.OFFICIAL
+        for ds, got in have.items():
+            out.append([name, ds, ", ".join(f"`{k}={v}`" for k, v in got.items()) or "its Config defaults"])
+        missing = [ds for ds in ("cifar100", "imagenet_r", "imagenet_a", "cub", "domainnet") if ds not in have]
+        if missing:
+            out.append([name, ", ".join(missing), "no official config: its CIFAR-100 values (the run says so)"])
+    return md(["method", "dataset", "official settings (each value's config file and line: the method file)"], out)
+
+
 TABLES = {
     "overview": t_overview,
+    "paper": t_paper,
+    "paper_settings": t_paper_settings,
     "cpu": t_cpu,
     "cpu_goal": t_cpu_goal,
     "cpu_seeds": t_cpu_seeds,

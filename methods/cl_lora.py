@@ -126,6 +126,19 @@ class Config:
     """images per evaluation pass of the task branches: max(1, this // batch) branches run batched; 0 = all"""
 
 
+# the official settings per dataset, applied by `train.py --preset paper --dataset NAME`: task split and class
+# order (train.py options) and the Config values that differ from the defaults, from exps/ @ df4e74e (rank is
+# "ffn_num"; init_* and later_* agree in every config). There is no CUB or DomainNet config.
+OFFICIAL = {
+    "cifar100": dict(tasks=20, order_seed=1993, rank=8),  # cifar.json L8-9, L13, L27
+    "imagenet_r": dict(tasks=40, order_seed=1993, epochs=20, lr=0.05, batch_size=32, weight_decay=5e-4,
+                       weights="vit_base_patch16_224.augreg_in21k_ft_in1k"),
+    # inr.json L8-9, L13, L15 and L17, L16 and L18, L19, L20; L11: timm 0.6.12's vit_base_patch16_224, the
+    # IN-21K -> IN-1K fine-tuned weights (backbone/vit_cllora.py L610), where the others start from IN-21K
+    "imagenet_a": dict(tasks=10, order_seed=1993, epochs=25, lr=0.05, batch_size=32, weight_decay=5e-3),
+    # ina.json L8-9, L13, L15 and L17, L16 and L18, L19, L20
+}
+
 CHOICES = {"orth_init": ("qr_uniform", "svd_gaussian"), "kd_update": ("two_step", "two_step_stale", "joint")}
 TARGETS = "qv"  # adapted slices of the fused qkv (official `msa` = [1, 0, 1], cifar.json L40)
 ROW = {"q": 0, "k": 1, "v": 2}  # rows of the block weights U

@@ -104,10 +104,17 @@ class Config:
     """energy of the memory criterion in powers of sigma(H): 4 (official code) or 2 (paper, GPM)"""
     memory: str = "auto"
     """'dualgpm' (inflora.py), 'gpm' (always 'remove'; inflora_ca1.py) or 'auto' (gpm with --ca, else dualgpm)"""
+    optimizer: str = "adam"
+    """'adam' with the epoch cosine (configs), or 'sgd', DomainNet's (methods/inflora_domain.py L170-183): momentum
+    0.9, the head at head_lr, lr x 0.1 at each of the milestones"""
     lr: float = 5e-4
-    """Adam learning rate (InfLoRA config)"""
+    """learning rate (InfLoRA config)"""
+    head_lr: float = 0.01
+    """'sgd': the head's learning rate (domainnet_inflora.json L21)"""
+    milestones: str = "4"
+    """'sgd': epochs at which both learning rates drop tenfold, comma-separated (inflora_domain.py L182-183)"""
     weight_decay: float = 0.0
-    """Adam weight decay (InfLoRA config)"""
+    """weight decay (InfLoRA config)"""
     epochs: int = 20
     """epochs per task (InfLoRA CIFAR-100 config)"""
     batch_size: int = 128
@@ -128,7 +135,20 @@ class Config:
     """tau of the per-task logit normalisation (0: plain CE)"""
 
 
-CHOICES = {"memory": ("auto", "dualgpm", "gpm")}
+# the official settings per dataset, applied by `train.py --preset paper --dataset NAME`: task split and class
+# order (train.py options) and the Config values that differ from CIFAR-100's, from configs/ @ e08b00e. Every
+# config sets "shuffle": false (L8): the natural class order. There is no ImageNet-A or CUB config.
+OFFICIAL = {
+    "cifar100": dict(tasks=10, natural_order=True),  # cifar100_inflora.json L9-10
+    "imagenet_r": dict(tasks=10, natural_order=True, epochs=50, lamb=0.98),
+    # mimg10_inflora.json L9-10, L18 and L23, L29 (mimg5 and mimg20, 5 and 20 tasks, have the same values)
+    "domainnet": dict(tasks=5, natural_order=True, epochs=5, rank=30, optimizer="sgd", lr=0.005, head_lr=0.01,
+                      milestones="4", memory="gpm"),
+    # domainnet_inflora.json L9-10, L18 and L20, L26, L19, L22, L21; methods/inflora_domain.py L182-183 and L207
+    # (update_GPM: always 'remove')
+}
+
+CHOICES = {"memory": ("auto", "dualgpm", "gpm"), "optimizer": ("adam", "sgd")}
 
 
 def validate(cfg: Config, vit: nn.Module | None = None) -> None:
@@ -142,6 +162,9 @@ def validate(cfg: Config, vit: nn.Module | None = None) -> None:
         ("lamb", 0 < cfg.lamb <= 1, "in (0, 1]"), ("lame", cfg.lamb <= cfg.lame <= 1, "in [lamb, 1]"),
         ("energy_power", cfg.energy_power in (4, 2), "one of 4, 2"), ("total_tasks", cfg.total_tasks >= 0, ">= 0"),
         ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("head_lr", math.isfinite(cfg.head_lr) and cfg.head_lr > 0, "> 0"),
+        ("milestones", ints(cfg.milestones) is not None and all(e >= 1 for e in ints(cfg.milestones)),
+         "epochs >= 1, comma-separated"),
         ("epochs", cfg.epochs >= 0, ">= 0"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
         ("ca_epochs", cfg.ca_epochs >= 1, ">= 1"), ("ca_lr", cfg.ca_lr > 0, "> 0"),
         ("ca_weight_decay", cfg.ca_weight_decay >= 0, ">= 0"), ("ca_samples", cfg.ca_samples >= 1, ">= 1"),
@@ -249,6 +272,13 @@ class InfLoRA(nn.Module):
 
     def optimizer(self, steps_per_epoch: int):
         params = [p for p in self.parameters() if p.requires_grad]
+        if self.cfg.optimizer == "sgd":  # DomainNet: two learning rates, MultiStepLR (inflora_domain.py L170-183)
+            head = {id(p) for p in self.heads[-1].parameters()}
+            groups = [{"params": [p for p in params if id(p) not in head]}, {"params": [p for p in params if id(p) in
+                      head], "lr": self.cfg.head_lr}]
+            opt = torch.optim.SGD(groups, lr=self.cfg.lr, momentum=0.9, weight_decay=self.cfg.weight_decay)
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, multistep(ints(self.cfg.milestones), 0.1,
+                                                                          steps_per_epoch))
         opt = torch.optim.Adam(params, lr=self.cfg.lr, betas=(0.9, 0.999), weight_decay=self.cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, inflora_cosine(self.cfg.epochs, steps_per_epoch))
         return opt, sched
@@ -478,3 +508,19 @@ def task_normalised(z: torch.Tensor, sizes: list[int], tau: float) -> torch.Tens
     """z / (tau * mean_s ||z_{C_s}||_2), s over the tasks of sizes `sizes` (inflora_ca1.py L459-472)."""
     norms = torch.stack([b.norm(dim=1) + 1e-7 for b in z.split(sizes, dim=1)], dim=1).mean(1, keepdim=True)
     return z / norms / tau
+
+
+def multistep(milestones: list[int], gamma: float, steps_per_epoch: int):
+    """MultiStepLR (inflora_domain.py L182-183, stepped once per epoch at L245) as a per-step multiplier."""
+    def factor(step: int) -> float:
+        e = step // max(steps_per_epoch, 1)
+        return gamma ** sum(e >= ms for ms in milestones)
+    return factor
+
+
+def ints(text: str) -> list[int] | None:
+    """'10, 8,6' -> [10, 8, 6]; None if a value is not an integer."""
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        return None

@@ -59,6 +59,13 @@ class Config:
     """training batch size (InfLoRA config)"""
 
 
+# per dataset, applied by `train.py --preset paper --dataset NAME`: this baseline has no code of its own and trains
+# as InfLoRA's configs do (liangyanshuo/InfLoRA @ e08b00e configs/), on the class order of the table it joins
+OFFICIAL = {
+    "cifar100": {},  # cifar100_inflora.json: the defaults above
+    "imagenet_r": dict(epochs=50),  # mimg10_inflora.json L18 and L23
+}
+
 CHOICES = {"loss": ("local", "full")}
 
 

@@ -242,14 +242,19 @@ def prepare(name: str, archives: list[str], out: str, lists: tuple[str, str] | N
     counts, classes = counts or spec.counts, classes or (n_classes if lists else spec.classes)
     missing = [n for n in train + test if n not in found]
     if missing:
+        by = {}  # DomainNet: how many of each domain's images are missing
+        for n in missing:
+            by[n.split("/")[0]] = by.get(n.split("/")[0], 0) + 1
+        by_domain = " (by domain: " + ", ".join(f"{d} {k:,}" for d, k in sorted(by.items())) + ")"
         raise PrepareError(f"{', '.join(archives)} lacks {len(missing):,} of the {len(train) + len(test):,} images "
-                           f"the split names (e.g. {missing[0]}); it must be the publisher's {spec.archives}")
+                           f"the split names{by_domain if spec.keep == 3 else ''} (e.g. {missing[0]}); it must be "
+                           f"the publisher's {spec.archives}")
     sizes = (len(train), len(test)) if counts[1] else (len(train) + len(test), 0)
     if sizes != tuple(counts) or n_classes != classes or set(train) & set(test):
         raise PrepareError(f"the split has {len(train):,} training and {len(test):,} test images in {n_classes} "
                            f"classes; {name} has " + (f"{counts[0]:,} and {counts[1]:,}" if counts[1] else
                            f"{counts[0]:,} images") + f" in {classes}: it must be the publisher's {spec.archives}")
-    tmp = dest + ".partial"
+    tmp, made_out = dest + ".partial", not os.path.isdir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         for a in archives:
@@ -261,6 +266,8 @@ def prepare(name: str, archives: list[str], out: str, lists: tuple[str, str] | N
         os.replace(tmp, dest)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made_out and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
         if isinstance(e, OSError):
             raise PrepareError(f"cannot write {e.filename or out}: {e.strerror or e}; nothing was kept") from None
         raise
@@ -285,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("prepare.py: interrupted; nothing was kept", file=sys.stderr)
+        return 130
     with open(os.path.join(dest, "split.json")) as fh:
         rec = json.load(fh)
     print(f"{dest}: {rec['train']:,} training and {rec['test']:,} test images in {rec['classes']} classes; "

@@ -41,7 +41,9 @@ Defaults (configs/cifar100_inflora.json): r = 10 on K and V of every block; Adam
 (utils/schedulers.py L19-20, L53-54, stepped once per epoch at L238; see `inflora_cosine`); lamb 0.95, lame 1.0;
 energy_power 4 (the code); memory 'auto' = DualGPM, or plain GPM with --ca. T, the task count of the threshold
 schedule (the config's total_sessions, L50), is the Config field `total_tasks`; 0 (default) derives it as
-ceil(num_classes / |task 0|), exact for equal tasks and for a smaller remainder task last.
+ceil(num_classes / |task 0|), exact for equal tasks and for a smaller remainder task last. DomainNet ran
+methods/inflora_domain.py: SGD with the head at its own lr and MultiStepLR (L170-183, `--optimizer sgd`) and
+always GPM (update_GPM, L207); OFFICIAL below sets these per dataset.
 
 Deviations:
 - First-task 'retain' branch: the code stores U[:, :max(k, 1)], the old space, while marking it 'retain' (L336-338),

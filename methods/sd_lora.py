@@ -24,7 +24,9 @@ up-projection):
 Defaults (exps/sdlora_c100.json; models/sdlora.py L114-121): SGD momentum 0.9, no weight decay, lr 8e-3; constant lr
 (MultiStepLR milestones [40, 70] lie beyond the 20 epochs; task 0's [60, 120, 170], L101-103, too), 20 epochs,
 batch 128, rank 10; alpha_init 0.8 with every alpha re-created at 0.8 each task (the network is rebuilt every task,
-L109, with fresh magnitudes, lora.py L326-328); "prod" normalisation; tau = 9e-4 (paper).
+L109, with fresh magnitudes, lora.py L326-328); "prod" normalisation; tau = 9e-4 (paper). Task 0 trains at
+init_lr, later tasks at lrate (L95-100, L114-118): equal in every config but ImageNet-A's (`later_lr`); OFFICIAL
+below holds each dataset's values.
 
 Where the equations live: Eq. 4 in Adapter.forward (its frozen terms, with w_k = s_k / nu_k: Adapter.frozen; folded
 into W for inference: Adapter.delta, Method.merged); nu and 1/nu: normaliser, inverse_norm (frozen in Method.grow);

@@ -127,6 +127,10 @@ def test_bad_archives_give_one_line_and_create_nothing(imagenet_r, tmp_path):
     # the full list against a cut archive: the published counts are checked, with the archive's name
     r = run_cli("imagenet_r", "--archive", src / "imagenet-r.tar", "--out", tmp_path / "out")
     assert r.returncode == 2 and "lacks 29,984 of the 30,000" in r.stderr and "imagenet-r.tar" in r.stderr
+    (tmp_path / "file").write_text("a file")  # a write that fails: one line, nothing kept
+    r = run_cli("imagenet_r", "--archive", src / "imagenet-r.tar", "--out", tmp_path / "file" / "out", *lists)
+    assert r.returncode == 2 and r.stderr.startswith("prepare.py: error: cannot write") and r.stderr.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["cut.tar", "file", "short.tar", "text.tar", "wrong.tar"]
     r = run_cli("imagenet_r", "--archive", src / "imagenet-r.tar", "--out", tmp_path / "ok", *lists)
     assert r.returncode == 0 and "12 training and 4 test images in 4 classes" in r.stdout, r.stderr
     r = run_cli("imagenet_r", "--archive", src / "imagenet-r.tar", "--out", tmp_path / "ok", *lists)
@@ -180,7 +184,7 @@ def test_domainnet_reads_one_zip_per_domain(tmp_path):
     dest = P.prepare("domainnet", [str(tmp_path / "clipart.zip"), str(tmp_path / "sketch.zip")], str(tmp_path),
                      lists=(str(tmp_path / "tr.yaml.gz"), str(tmp_path / "te.yaml.gz")), classes=2)
     assert sorted(os.listdir(os.path.join(dest, "test", "bee"))) == ["clipart_001_000000.jpg", "sketch_001_000000.jpg"]
-    with pytest.raises(P.PrepareError, match="lacks 6 of the 12"):  # a domain's zip left out
+    with pytest.raises(P.PrepareError, match=r"lacks 6 of the 12 images the split names \(by domain: sketch 6\)"):
         P.prepare("domainnet", [str(tmp_path / "clipart.zip")], str(tmp_path / "again"),
                   lists=(str(tmp_path / "tr.yaml.gz"), str(tmp_path / "te.yaml.gz")), classes=2)
 

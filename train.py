@@ -145,9 +145,14 @@ def parse(argv: list[str]) -> tuple[TrainArgs, object, dict | None]:
              for k in pre if k in cfg and pre[k] != cfg[k]}
     cfg.update({k: pre[k] for k in notes})
     if saved:  # the run's own options; the free ones from this command line, else the defaults (paths kept)
-        kept = runs.checked(RUN_SPECS, saved["run"], "config.json 'run'")
+        old = {"protocol": "common", **saved["run"]}  # a run made before --protocol ran the common one
+        kept = runs.checked(RUN_SPECS, old, "config.json 'run'")
         run.update({k: v for k, v in kept.items() if k not in RESUME_FREE or k in ("data_root", "weights")})
-        cfg = runs.checked(runs.specs(module.Config), saved.get("method_config"), "config.json 'method_config'")
+        added = {"later_lr", "optimizer", "head_lr", "milestones"} & set(cfg)  # their defaults are what ran before
+        saved_cfg = saved.get("method_config")
+        saved_cfg = ({**{k: getattr(module.Config(), k) for k in added}, **saved_cfg} if isinstance(saved_cfg, dict)
+                     else saved_cfg)
+        cfg = runs.checked(runs.specs(module.Config), saved_cfg, "config.json 'method_config'")
     p = _Parser(prog="train.py", description="Class-incremental learning with LoRA on a ViT. Methods: "
                 + ", ".join(METHODS) + ". `--method NAME --help` lists the method's options too.")
     add_options(p, "run", RUN_SPECS, run, CHOICES, {})

@@ -42,7 +42,9 @@ def order_of(reported_by: str, dataset: str) -> list[str]:
     """The class order of the reporting paper's official config for the dataset, as train.py options."""
     from methods import METHODS
     official = METHODS[ROWS[reported_by][1]].OFFICIAL.get(dataset, {})
-    return ["--natural-order"] if official.get("natural_order") else ["--order-seed", str(official.get("order_seed", 1993))]
+    if official.get("natural_order"):
+        return ["--natural-order"]
+    return ["--order-seed", str(official.get("order_seed", 1993))]
 
 
 def command(row: dict, out: str = "runs/paper") -> list[str] | None:

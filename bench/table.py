@@ -459,8 +459,9 @@ def t_paper(root: str) -> str:
 
 
 def t_paper_settings(root: str) -> str:
-    """The OFFICIAL settings of every method file per dataset (`--preset paper --dataset NAME`)."""
-    sys.path.insert(0, root)
+    """The OFFICIAL settings of every method file per dataset (`--preset paper --dataset NAME`): the code's, at
+    ROOT, whatever the root of the documents."""
+    sys.path.insert(0, ROOT)
     from methods import METHODS
     out = []
     for name, module in METHODS.items():

@@ -1,6 +1,7 @@
 """Each method's official per-dataset settings: they resolve through `--preset paper --dataset NAME`, under
 both protocols, and the options they set do what the official code does."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -106,3 +107,18 @@ def test_inflora_sgd_trains_the_head_at_its_own_lr():
         opt.step()
         sched.step()
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.0005, 0.001])  # x 0.1 from epoch 4
+
+
+def test_a_run_made_before_the_per_dataset_settings_resumes(tmp_path):
+    """config.json without 'protocol' and without the Config fields added with it: the common protocol and the
+    defaults, which are what such a run did."""
+    argv = ["--method", "sd_lora", "--preset", "smoke", "--tasks", "2", "--epochs", "1", "--quiet",
+            "--out", str(tmp_path)]
+    assert train.main(argv + ["--stop-after", "1"]) == 0
+    (run,) = os.listdir(tmp_path)
+    path = os.path.join(tmp_path, run, "config.json")
+    config = json.load(open(path))
+    del config["run"]["protocol"], config["method_config"]["later_lr"]
+    json.dump(config, open(path, "w"))
+    assert train.main(["--resume", os.path.join(tmp_path, run), "--quiet"]) == 0
+    assert len(json.load(open(os.path.join(tmp_path, run, "results.json")))["acc_matrix"]) == 2

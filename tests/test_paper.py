@@ -71,8 +71,8 @@ def test_paper_table_averages_seeds_and_gives_the_difference(tmp_path):
             fake_run(tmp_path / "c", "sd_lora", "imagenet_r", 5, 70.0, 75.0, variant="rr", protocol="common"),
             fake_run(tmp_path / "d", "c_lora", "cub", 10, 50.0, 60.0)]
     text = paper_table.table(runs, paper_runs.load())
-    assert "| sd_lora | imagenet_r | 10 | sd_lora paper | official | 2 | 77.34 | 77.00 | -0.34 | 82.04 | 82.00 | -0.04 |" \
-        in text
+    mean_of_two = "| sd_lora | imagenet_r | 10 | sd_lora paper | official | 2 | 77.34 | 77.00 | -0.34 | 82.04 | 82.00 |"
+    assert mean_of_two + " -0.04 |" in text
     assert "| sd_lora_rr | imagenet_r | 5 | sd_lora paper | common (!) | 1 | 79.01 | 70.00 | -9.01 |" in text
     assert "| c_lora | cub | 10 | no paper number | official | 1 | - | 50.00 |" in text
     assert "| inflora | imagenet_r | 5 | inflora paper | official | 1 | 77.52? |" in paper_table.table(

@@ -41,6 +41,7 @@ def tree(tmp_path):
     for doc in table.DOCS:
         shutil.copy(os.path.join(ROOT, doc), tmp_path / doc)
     shutil.copytree(os.path.join(ROOT, "bench", "results"), tmp_path / "bench" / "results")
+    shutil.copy(os.path.join(ROOT, "bench", "paper_numbers.json"), tmp_path / "bench" / "paper_numbers.json")
     shutil.rmtree(tmp_path / "bench" / "results" / "cpu", ignore_errors=True)  # start from no runs
     for f in table.FIGURES:
         if os.path.exists(tmp_path / f):
@@ -385,3 +386,13 @@ def test_out_runs_a_committed_row_again_into_its_folder_and_compares(tmp_path, m
     text = capsys.readouterr().out
     assert "sd_lora seed 0: already done in" in text and "nothing left to run" in text
 
+
+
+def test_the_paper_table_follows_paper_numbers_json(tree):
+    path = tree / "bench" / "paper_numbers.json"
+    doc = json.load(open(path))
+    doc["rows"][0]["last_acc"] = 12.34
+    json.dump(doc, open(path, "w"))
+    r = run_table(tree, "--check")
+    assert r.returncode == 1 and "README.md: table 'paper' is out of date" in r.stdout
+    assert run_table(tree).returncode == 0 and "| 12.34 / " in (tree / "README.md").read_text()

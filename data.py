@@ -25,6 +25,7 @@ only, so the global random state of the training process is never touched by the
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -262,7 +263,6 @@ def _folder(name: str, root: str) -> Splits:
     splits = Splits(FolderImages(tr, classes), FolderImages(te, classes), len(classes), 0)
     record = os.path.join(base, "split.json")
     if os.path.isfile(record):  # written by prepare.py: the tree must still be that split
-        import json
         with open(record) as fh:
             want = json.load(fh)
         have = {"train": len(splits.train), "test": len(splits.test), "classes": len(classes)}

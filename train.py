@@ -413,7 +413,6 @@ def run(args: TrainArgs, cfg, dist: distributed.Dist, saved: dict | None, locks:
     T = len(stream.sizes)
     for bad, message in [(args.preset == "paper" and args.device == "cpu", "--preset paper is the GPU setting ("
                           "ViT-B/16 at 224 px, the papers' epochs); on a CPU use --preset cpu"),
-
                          (any(len(c) == 1 for c in stream.tasks), f"{sum(len(c) == 1 for c in stream.tasks)} of the "
                           f"{T} tasks have a single class: a local cross-entropy over one class is 0, so such a task "
                           "learns nothing from it")]:

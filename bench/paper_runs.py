@@ -1,7 +1,7 @@
 """The train.py command for every row of bench/paper_numbers.json: what to run on a GPU to reproduce a paper's table.
 
     python bench/paper_runs.py --list                         # every command, one per paper row
-    python bench/paper_runs.py --list --dataset imagenet_r    # one dataset's
+    python bench/paper_runs.py --list --dataset imagenet_r --data-root DIR   # one dataset's, with its data
     python bench/paper_table.py runs/paper/*                  # then ours against the papers'
 
 Each command runs `--preset paper` (ViT-B/16, 224 px) with the method's official settings for the dataset
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="paper_runs.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--list", action="store_true", help="print the train.py command of every paper row")
     p.add_argument("--dataset", help="only this dataset's rows")
+    p.add_argument("--data-root", help="add --data-root DIR to every command (prepare.py's --out)")
     args = p.parse_args(argv)
     if not args.list:
         p.error("nothing to do: --list prints the commands")
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         p.error(f"no paper row for dataset '{args.dataset}'")
     for r, cmd in runs(rows):
+        cmd = cmd and cmd + (["--data-root", args.data_root] if args.data_root else [])
         label = f"{r['row']} {r['dataset']} T={r['tasks']} ({r['reported_by']}'s {r['kind']})"
         print(f"# {label}\n" + (shlex.join(cmd) if cmd else "# no counterpart here: " + r["row"]))
     return 0

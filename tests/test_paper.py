@@ -47,11 +47,11 @@ def test_a_row_reported_by_another_paper_takes_that_papers_class_order(tmp_path)
 
 def test_list_prints_one_command_per_row():
     cmd = [sys.executable, os.path.join(ROOT, "bench", "paper_runs.py")]
-    r = subprocess.run(cmd + ["--list", "--dataset", "domainnet"], capture_output=True, text=True)
+    r = subprocess.run(cmd + ["--list", "--dataset", "domainnet", "--data-root", "/d"], capture_output=True, text=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("python train.py")]
     assert r.returncode == 0 and len(lines) == len([x for x, c in paper_runs.runs(
         [p for p in paper_runs.load() if p["dataset"] == "domainnet"]) if c])
-    assert "python train.py --method sd_lora --dataset domainnet --tasks 5 --out runs/paper" in lines
+    assert "python train.py --method sd_lora --dataset domainnet --tasks 5 --out runs/paper --data-root /d" in lines
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 2
 
 

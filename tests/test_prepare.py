@@ -1,4 +1,5 @@
 """prepare.py on synthetic archives with the publishers' layouts and names, and the committed split lists."""
+import dataclasses
 import gzip
 import io
 import json
@@ -202,3 +203,12 @@ def test_smoke_run_on_a_prepared_imagenet_r(imagenet_r, tmp_path):
     res = json.load(open(tmp_path / "runs" / run / "results.json"))
     assert len(res["acc_matrix"]) == 2 and json.load(open(tmp_path / "runs" / run / "config.json"))[
         "identity"]["task_sizes"] == [2, 2]
+
+
+def test_committed_lists_whose_sha256_changed_are_refused(imagenet_r, tmp_path, monkeypatch):
+    src, _, _ = imagenet_r
+    spec = P.SPECS["imagenet_r"]
+    monkeypatch.setitem(P.SPECS, "imagenet_r", dataclasses.replace(spec, sha256=("0" * 64, spec.sha256[1])))
+    with pytest.raises(P.PrepareError, match="do not have their recorded sha256"):
+        P.prepare("imagenet_r", [str(src / "imagenet-r.tar")], str(tmp_path))
+    assert not os.listdir(tmp_path)

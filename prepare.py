@@ -18,7 +18,8 @@ the counts must be the published ones. The splits:
   CL-LoRA read the Drive archive of PILOT's README (L170-177), whose file lists are not public.
 - domainnet: CODA-Prompt's lists (dataloaders/splits/domainnet_{train,test}.yaml, read by InfLoRA's
   utils/data.py L300-307; 338,804 / 84,702, five domains, no quickdraw), from the copy in
-  tachyonicClock/bayescl @ 781f6b2 (metadata/), whose README says it is InfLoRA's split.
+  tachyonicClock/bayescl @ 781f6b2 (metadata/), whose README says it is InfLoRA's split: its paths, sorted,
+  one per line, xz-compressed (splits/README.md).
 - cub: the archive's own train_test_split.txt (5,994 / 5,794).
 - imagenet_a: no public split exists. The rule here: within each class, the files ordered by the sha256 of
   "<wnid>/<file>"; the first floor(n / 5) are test images, the rest training images. This is not the split
@@ -31,6 +32,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import sys
@@ -64,9 +66,9 @@ SPECS = {
                         "57275ac242d68983a4f39ccb81ec34f48b1bd920b9cd79e6e8040d7c042db02a")),
     "domainnet": Spec("clipart.zip, infograph.zip, painting.zip, real.zip, sketch.zip "
                       "(http://ai.bu.edu/M3SDA/)", 345, (338804, 84702),
-                      ("domainnet_train.yaml.gz", "domainnet_test.yaml.gz"),
-                      ("26a5ca24fe1d08e53105615a971d070a5342885cc6213044050f103e0b89c83c",
-                       "75b7c39894f9c91ea468b8d3f2a75fb9bcbd3182189540ee88a33ffb4216242e"), 3),
+                      ("domainnet_train.txt.xz", "domainnet_test.txt.xz"),
+                      ("744384649ec64a0c0e1996e3ed57f448b1bc69a08c6f11c43587cf381cbe872f",
+                       "9ca3ec80f3dcb9c87edef08ce74bedd05c0638ea06e7c8be6dcb6a056c037650"), 3),
     "cub": Spec("CUB_200_2011.tgz (https://data.caltech.edu/records/65de6-vp158)", 200, (5994, 5794)),
     "imagenet_a": Spec("imagenet-a.tar (https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar)", 200,
                        (7500, 0)),  # the split's sizes are the rule's
@@ -148,12 +150,12 @@ def extract(path: str, wanted: dict[str, str]) -> None:
 
 def read_list(path: str) -> tuple[list[str], str]:
     """(image paths, sha256 of the uncompressed bytes) of a split list: CODA-Prompt's yaml (a `data:` list,
-    other keys ignored) or text lines 'path [label]'; gzipped or not."""
+    other keys ignored) or text lines 'path [label]'; gzip- or xz-compressed or not."""
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as fh:
+        with {".gz": gzip.open, ".xz": lzma.open}.get(os.path.splitext(path)[1], open)(path, "rb") as fh:
             raw = fh.read()
         lines = raw.decode("utf-8").splitlines()
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError) as e:
         raise PrepareError(f"cannot read the split list {path}: {e}") from None
     if lines and lines[0].strip() == "data:":
         key, paths = None, []

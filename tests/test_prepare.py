@@ -3,6 +3,7 @@ import dataclasses
 import gzip
 import io
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -33,12 +34,9 @@ def write_tar(path, files: dict, mode="w"):
             tar.addfile(info, io.BytesIO(payload))
 
 
-def write_yaml(path, paths, targets, domains=None):
-    """CODA-Prompt's layout (bayescl's DomainNet copy adds `domains:`), gzipped."""
-    text = "data:\n" + "".join(f"- {p}\n" for p in paths)
-    if domains:
-        text += "domains:\n" + "".join(f"- {d}\n" for d in domains)
-    text += "targets:\n" + "".join(f"- {t}\n" for t in targets)
+def write_yaml(path, paths, targets):
+    """CODA-Prompt's layout, gzipped."""
+    text = "data:\n" + "".join(f"- {p}\n" for p in paths) + "targets:\n" + "".join(f"- {t}\n" for t in targets)
     with gzip.open(path, "wt") as fh:
         fh.write(text)
 
@@ -176,18 +174,18 @@ def test_domainnet_reads_one_zip_per_domain(tmp_path):
     paths = [f"{d}/{c}/{d}_{k:03d}_{i:06d}.jpg" for d in ("clipart", "sketch") for k, c in enumerate(("apple", "bee"))
              for i in range(3)]
     train, test = [p for p in paths if not p.endswith("0.jpg")], [p for p in paths if p.endswith("0.jpg")]
-    write_yaml(tmp_path / "tr.yaml.gz", train, [0] * len(train), [p.split("/")[0] for p in train])
-    write_yaml(tmp_path / "te.yaml.gz", test, [0] * len(test), [p.split("/")[0] for p in test])
+    for name, part in (("tr", train), ("te", test)):  # the committed lists' format: sorted paths, xz
+        (tmp_path / f"{name}.txt.xz").write_bytes(lzma.compress("".join(p + "\n" for p in sorted(part)).encode()))
     for d in ("clipart", "sketch"):
         with zipfile.ZipFile(tmp_path / f"{d}.zip", "w") as z:
             for k, p in enumerate(p for p in paths if p.startswith(d)):
                 z.writestr(p, jpeg(k))
     dest = P.prepare("domainnet", [str(tmp_path / "clipart.zip"), str(tmp_path / "sketch.zip")], str(tmp_path),
-                     lists=(str(tmp_path / "tr.yaml.gz"), str(tmp_path / "te.yaml.gz")), classes=2)
+                     lists=(str(tmp_path / "tr.txt.xz"), str(tmp_path / "te.txt.xz")), classes=2)
     assert sorted(os.listdir(os.path.join(dest, "test", "bee"))) == ["clipart_001_000000.jpg", "sketch_001_000000.jpg"]
     with pytest.raises(P.PrepareError, match=r"lacks 6 of the 12 images the split names \(by domain: sketch 6\)"):
         P.prepare("domainnet", [str(tmp_path / "clipart.zip")], str(tmp_path / "again"),
-                  lists=(str(tmp_path / "tr.yaml.gz"), str(tmp_path / "te.yaml.gz")), classes=2)
+                  lists=(str(tmp_path / "tr.txt.xz"), str(tmp_path / "te.txt.xz")), classes=2)
 
 
 def test_smoke_run_on_a_prepared_imagenet_r(imagenet_r, tmp_path):

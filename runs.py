@@ -25,6 +25,7 @@ import torch
 
 import metrics
 
+ADDED = ("later_lr", "optimizer", "head_lr")  # Config fields added with --protocol: their defaults reproduce old runs
 
 class UsageError(ValueError):
     """A bad command line or a run directory that does not fit it."""
@@ -114,6 +115,12 @@ def read_config(run_dir: str, methods, presets) -> dict:
     if not (isinstance(run, dict) and isinstance(saved.get("identity"), dict) and run.get("method") in methods
             and run.get("preset") in presets):
         raise UsageError(f"--resume {run_dir}: config.json is not a run configuration of this train.py")
+    # a run made before --protocol and the per-dataset options: the common protocol and those options' defaults,
+    # which are what it ran
+    run.setdefault("protocol", "common")
+    if isinstance(saved.get("method_config"), dict):
+        defaults = dataclasses.asdict(methods[run["method"]].Config())
+        saved["method_config"] = {**{k: defaults[k] for k in ADDED if k in defaults}, **saved["method_config"]}
     return saved
 
 

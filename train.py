@@ -41,8 +41,7 @@ OPTIONS = {
     "init_cls": (0, "classes in the first task (0: from --tasks)"),
     "increment": (0, "with --init-cls: classes in every later task, the remainder last (0: as many as --init-cls)"),
     "dataset": ("", "the dataset"),
-    "protocol": ("", "official: the method's own task split and class order for the dataset (--preset paper); "
-                     "common: --tasks and the seed-1993 order for every method, for side-by-side tables"),
+    "protocol": ("", "official: the method's task split and class order (paper preset); common: --tasks, seed 1993"),
     "data_root": ("", "dataset folder, or a cifar100 .npz file ($CIL_DATA, else ./data)"),
     "weights": ("", "'random', a file holding a timm-layout state dict, or a pinned timm tag"),
     "backbone": ("", "a backbone.py preset (" + ", ".join(bb.PRESETS) + "), or timm:<architecture>"),
@@ -62,9 +61,8 @@ OPTIONS = {
 }
 TrainArgs = dataclasses.make_dataclass("TrainArgs", [(k, type(d), d) for k, (d, _) in OPTIONS.items()], frozen=True)
 CHOICES = {"preset": ("paper", "cpu", "smoke"), "dataset": cil_data.DATASETS, "protocol": ("official", "common"),
-           "amp": ("none", "bf16", "fp16"),
-           "normalize": ("weights", "none_01"), "train_aug": ("rrc", "crop", "none"), "method": tuple(METHODS)}
-ORDER_KEYS = ("tasks", "order_seed", "natural_order")  # what --protocol common takes from no method
+           "amp": ("none", "bf16", "fp16"), "normalize": ("weights", "none_01"), "train_aug": ("rrc", "crop", "none"),
+           "method": tuple(METHODS)}
 # options that may differ on --resume: not properties of the run (the weights are checked by content hash)
 RESUME_FREE = {"resume", "device", "workers", "quiet", "out", "eval_batch_size", "data_root", "stop_after", "weights"}
 PROGRESS_SECONDS = 10.0  # a progress line this often where stdout is not a terminal
@@ -72,17 +70,15 @@ PROGRESS_SECONDS = 10.0  # a progress line this often where stdout is not a term
 
 def presets(method: str | None, dataset: str = "", protocol: str = "") -> dict:
     """Every value a preset gives; read when the parser is built, so --help shows what a run will use. The paper
-    preset applies the method's OFFICIAL settings for the dataset (run options and Config values); under
-    --protocol common, all but the task split and class order."""
+    preset applies the method's OFFICIAL settings for the dataset; --protocol common, all but split and order."""
     module = METHODS.get(method)
     official = {k: v for k, v in getattr(module, "OFFICIAL", {}).get(dataset or "cifar100", {}).items()
-                if protocol != "common" or k not in ORDER_KEYS}
+                if protocol != "common" or k not in ("tasks", "order_seed", "natural_order")}
     return {
         "paper": {**dict(backbone="vit_base_patch16_224", weights=getattr(module, "PAPER_WEIGHTS",
                          "vit_base_patch16_224.augreg_in21k"), dataset=dataset or "cifar100", protocol="official",
                          amp="none", normalize="none_01", train_aug="rrc", workers=8), **official},
-        # fp32, not bf16: on the 2-core benchmark machine bf16 autocast measured slower per step than fp32 for
-        # every method at this width and batch (README, Presets); --amp bf16 is there for CPUs where it pays
+        # fp32: bf16 autocast measured slower per step for every method on the 2-core machine (README, Presets)
         "cpu": dict(backbone="vit_small32", weights=os.environ.get("CIL_WEIGHTS") or "weights/vit_small32_tin.pth",
                     dataset="cifar100", protocol="common", amp="none", normalize="weights", train_aug="rrc",
                     workers=0, epochs=3, batch_size=64),
@@ -141,18 +137,12 @@ def parse(argv: list[str]) -> tuple[TrainArgs, object, dict | None]:
     run["workers"] = min(run["workers"], cores())
     cfg = dataclasses.asdict(module.Config()) if module else {}
     notes = {k: f"; --preset {preset} overrides the paper's {cfg[k]}" if preset != "paper" else
-             f": the official {pre['dataset']} setting (Config: {cfg[k]})"
-             for k in pre if k in cfg and pre[k] != cfg[k]}
+             f": official {pre['dataset']} setting (Config: {cfg[k]})" for k in pre if k in cfg and pre[k] != cfg[k]}
     cfg.update({k: pre[k] for k in notes})
     if saved:  # the run's own options; the free ones from this command line, else the defaults (paths kept)
-        old = {"protocol": "common", **saved["run"]}  # a run made before --protocol ran the common one
-        kept = runs.checked(RUN_SPECS, old, "config.json 'run'")
+        kept = runs.checked(RUN_SPECS, saved["run"], "config.json 'run'")
         run.update({k: v for k, v in kept.items() if k not in RESUME_FREE or k in ("data_root", "weights")})
-        added = {"later_lr", "optimizer", "head_lr", "milestones"} & set(cfg)  # their defaults are what ran before
-        saved_cfg = saved.get("method_config")
-        saved_cfg = ({**{k: getattr(module.Config(), k) for k in added}, **saved_cfg} if isinstance(saved_cfg, dict)
-                     else saved_cfg)
-        cfg = runs.checked(runs.specs(module.Config), saved_cfg, "config.json 'method_config'")
+        cfg = runs.checked(runs.specs(module.Config), saved.get("method_config"), "config.json 'method_config'")
     p = _Parser(prog="train.py", description="Class-incremental learning with LoRA on a ViT. Methods: "
                 + ", ".join(METHODS) + ". `--method NAME --help` lists the method's options too.")
     add_options(p, "run", RUN_SPECS, run, CHOICES, {})

@@ -465,7 +465,7 @@ def t_paper_settings(root: str) -> str:
     from methods import METHODS
     out = []
     for name, module in METHODS.items():
-        have = module.OFFICIAL
+        have = getattr(module, "OFFICIAL", {})
         for ds, got in have.items():
             out.append([name, ds, ", ".join(f"`{k}={v}`" for k, v in got.items()) or "its Config defaults"])
         missing = [ds for ds in ("cifar100", "imagenet_r", "imagenet_a", "cub", "domainnet") if ds not in have]

@@ -36,10 +36,10 @@ gradients does so inside `loss` (a custom autograd function or a tensor hook).
 Nothing a forward needs lives outside the module's parameters and buffers, so `.to(device or dtype)` converts
 a method at any point. Each method checks its Config in `validate(cfg, vit=None)` through
 backbone.check_options, the one place its options (lr, epochs and batch_size included) are checked.
-Module constants train.py reads: `OFFICIAL` (required), {dataset: {option: value}}, the official code's settings
-per dataset (train.py options tasks, order_seed, natural_order, weights; Config fields), applied by
-`--preset paper --dataset NAME` ({} where there is no official config); `PAPER_WEIGHTS` (optional), the
-paper preset's weights tag when the method's code starts from other weights than IN-21K.
+Optional module constants train.py reads: `OFFICIAL`, {dataset: {option: value}}, the official code's settings per
+dataset (train.py options tasks, order_seed, natural_order, weights; Config fields), applied by `--preset paper
+--dataset NAME` (absent: no official config); `PAPER_WEIGHTS`, the paper preset's weights tag when the method's
+code starts from other weights than IN-21K.
 Anything end_task decides with a data-dependent shape is kept in fixed-shape buffers, so that
 grow() alone rebuilds the structure a checkpoint needs. The checkpoint holds the method's state dict
 except the backbone tensors that still equal the loaded weights (a merge into the backbone is kept).

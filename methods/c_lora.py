@@ -111,10 +111,6 @@ class Config:
     """training batch size [ASSUMED]"""
 
 
-# the official settings per dataset (`train.py --preset paper --dataset NAME`): none:
-# C-LoRA has no public code
-OFFICIAL: dict = {}
-
 CHOICES = {"orth_mode": ("r_old", "svd_topk"), "head": ("cosine_proto", "linear"),
            "schedule": ("onecycle", "cosine", "constant")}
 

@@ -62,7 +62,6 @@ paper's numbers, `two_step_stale`; torch >= 2.1 rejects it ("modified by an inpl
 
 Deviations:
 - The default update, `two_step`, is not the one the paper's numbers come from (`two_step_stale`, above).
-- Rank 10 (the paper's value) although the official CIFAR config uses 8 (cifar.json L27; `--rank 8` for parity).
 - The block weights U_t (3 x (L - l), rows q, k, v) are stored as one 3-vector per specific block (`mu`);
   the values, the init U(0.5, 1.5) and L_orth over all 3 (L - l) entries are the code's (vit L208-211).
 - If every row of the teacher B is zero, the reassignment weights are 1 (the official formula divides by 0).
@@ -96,7 +95,7 @@ from backbone import attach, check_options, embed, features
 @dataclass(frozen=True)
 class Config:
     rank: int = 10
-    """LoRA rank r of the shared and the task-specific adapters (paper Table 3: 10; official CIFAR config: 8)"""
+    """LoRA rank r of the shared and the task-specific adapters (paper Table 3: 10; cifar.json: 8, in OFFICIAL)"""
     split: int = 0
     """number l of blocks with the task-shared adapter; 0 = half the depth (6 for ViT-B, 3 for vit_small32)"""
     orth_init: str = "qr_uniform"
@@ -126,18 +125,12 @@ class Config:
     """images per evaluation pass of the task branches: max(1, this // batch) branches run batched; 0 = all"""
 
 
-# the official settings per dataset, applied by `train.py --preset paper --dataset NAME`: task split and class
-# order (train.py options) and the Config values that differ from the defaults, from exps/ @ df4e74e (rank is
-# "ffn_num"; init_* and later_* agree in every config). There is no CUB or DomainNet config.
-OFFICIAL = {
-    "cifar100": dict(tasks=20, order_seed=1993, rank=8),  # cifar.json L8-9, L13, L27
-    "imagenet_r": dict(tasks=40, order_seed=1993, epochs=20, lr=0.05, batch_size=32, weight_decay=5e-4,
-                       weights="vit_base_patch16_224.augreg_in21k_ft_in1k"),
-    # inr.json L8-9, L13, L15 and L17, L16 and L18, L19, L20; L11: timm 0.6.12's vit_base_patch16_224, the
-    # IN-21K -> IN-1K fine-tuned weights (backbone/vit_cllora.py L610), where the others start from IN-21K
-    "imagenet_a": dict(tasks=10, order_seed=1993, epochs=25, lr=0.05, batch_size=32, weight_decay=5e-3),
-    # ina.json L8-9, L13, L15 and L17, L16 and L18, L19, L20
-}
+# official settings (`--preset paper --dataset NAME`), exps/{cifar,inr,ina}.json: tasks L8-9, seed L13, rank (ffn_num)
+# L27, epochs L15/17, lr L16/18, batch L19, wd L20; inr L11: IN-1K fine-tuned (vit_cllora.py L610). No CUB, DomainNet.
+OFFICIAL = {"cifar100": dict(tasks=20, order_seed=1993, rank=8),
+            "imagenet_r": dict(tasks=40, order_seed=1993, epochs=20, lr=0.05, batch_size=32, weight_decay=5e-4,
+                               weights="vit_base_patch16_224.augreg_in21k_ft_in1k"),
+            "imagenet_a": dict(tasks=10, order_seed=1993, epochs=25, lr=0.05, batch_size=32, weight_decay=5e-3)}
 
 CHOICES = {"orth_init": ("qr_uniform", "svd_gaussian"), "kd_update": ("two_step", "two_step_stale", "joint")}
 TARGETS = "qv"  # adapted slices of the fused qkv (official `msa` = [1, 0, 1], cifar.json L40)

@@ -4,8 +4,7 @@ Paper: Liang and Li, "InfLoRA: Interference-Free Low-Rank Adaptation for Continu
 arXiv 2404.00228. Official code: liangyanshuo/InfLoRA @ e08b00e; line numbers below are at that commit
 (`methods/inflora.py` unless another file is named). Where this file departs from it: "Deviations" below.
 
-Implements (A = down-projection r x d, designed and frozen; B = up-projection d x r, trained; the paper
-swaps the names: its B_t is our A_t):
+Implements (A = down-projection r x d, designed, frozen; B = up-projection d x r, trained; the paper's B_t is our A_t):
  (1) W_m^(t) = W_m + sum_{s<=t} B_s^m A_s, m in {k, v}, one A_s per block shared by k and v
         (models/vit_inflora.py L191-194, L246-247; A copied to k and v: L127-128, L154-155)
  (2) M_t = (1/n) sum_x x x^T over every token x of the attention input on the task's training images
@@ -41,34 +40,28 @@ Defaults (configs/cifar100_inflora.json): r = 10 on K and V of every block; Adam
 (utils/schedulers.py L19-20, L53-54, stepped once per epoch at L238; see `inflora_cosine`); lamb 0.95, lame 1.0;
 energy_power 4 (the code); memory 'auto' = DualGPM, or plain GPM with --ca. T, the task count of the threshold
 schedule (the config's total_sessions, L50), is the Config field `total_tasks`; 0 (default) derives it as
-ceil(num_classes / |task 0|), exact for equal tasks and for a smaller remainder task last. DomainNet ran
-methods/inflora_domain.py: SGD with the head at its own lr and MultiStepLR (L170-183, `--optimizer sgd`) and
-always GPM (update_GPM, L207); OFFICIAL below sets these per dataset.
+ceil(num_classes / |task 0|), exact for equal tasks and for a smaller remainder task last. Other datasets: OFFICIAL.
 
 Deviations:
 - First-task 'retain' branch: the code stores U[:, :max(k, 1)], the old space, while marking it 'retain' (L336-338),
   which the check of L409-410 then rejects; this file stores the complement U[:, k:].
-- Numerical hygiene: memory updates never take directions of M_hat with a (numerically) zero singular value (the code
-  would only when eps_t >= 1), and the appended directions are re-orthogonalised against the stored basis. Statistics
-  and memory are float64 (the code: a float32 statistic, numpy SVD). The numerical rank of M_hat is printed: where it
-  is below r, the trailing rows of A_t are arbitrary.
-- energy_power = 2 uses the paper's sigma(H)^2 weighting on the singular values of the code's projected matrix
-  (I - P P^T) M; this equals the GPM / paper criterion for the first task; for later tasks the paper's
-  sigma((I - P P^T) H)^2 are the eigenvalues of (I - P P^T) M (I - P P^T), slightly different.
+- Numerical hygiene: memory updates never take directions of M_hat with a numerically zero singular value (the code
+  would only when eps_t >= 1); appended directions are re-orthogonalised against the stored basis; statistics and
+  memory are float64 (the code: float32, numpy SVD); M_hat's numerical rank is printed (A_t's rows past it: arbitrary).
+- energy_power = 2 weights the code's projected (I - P P^T) M by the paper's sigma(H)^2: the paper's criterion at
+  t = 0; later, the paper's sigma((I - P P^T) H)^2 are the eigenvalues of (I - P P^T) M (I - P P^T), a little different.
 - Heads are sized per task (the code's heads all have init_cls rows, models/sinet_inflora.py L72-77), which makes
   uneven splits work. The K-means task keys of the code (L84, L248-263; unused at inference) are omitted.
-- The code forms the dense sum_s B_s A_s of every branch in every forward (models/vit_inflora.py L245-249). Here the
-  frozen branches s < t enter as one product (`backbone.low_rank`), the current one as B_t (A_t x): the same
-  function up to float rounding. train.py evaluates `merged()`: sum_s B_s^m A_s written into the qkv rows of a copy
-  of the ViT, one plain backbone forward. `merge()` folds in place.
+- The code forms the dense sum_s B_s A_s in every forward (models/vit_inflora.py L245-249); here the frozen branches
+  enter as one product (`backbone.low_rank`), and train.py evaluates `merged()` (sum_s B_s^m A_s written into the
+  qkv rows of a copy of the ViT, one plain backbone forward): the same function up to float rounding.
 - CA: gamma_c uses the task that introduced class c; the code takes c // |last task| (L431), the same for equal
-  tasks. Sigma_c is stored in float32 and its Cholesky factor of Sigma_c + 1e-4 I computed in float64 (the code:
-  MultivariateNormal in float32, L436). Samples come from torch's global generator (seeded by train.py).
-  inflora_ca.py turns the logit norm off on CIFAR-100 (inflora_ca.py L53-56); inflora_ca1.py keeps tau = 0.1, which
-  this file follows (--ca-logit-norm 0 turns it off). Heads are kept after alignment. --ca keeps InfLoRA's own
-  training recipe: the official CIFAR CA config also changes it (SGD 1e-3, heads 1e-2, wd 1e-3, r = 5; MultiStepLR at
-  epoch 18, inflora_ca1.py L195-197) and inflora_ca1.py replaces the pretrained final LayerNorm by a fresh one on
-  CIFAR (L54-56); neither is reproduced.
+  tasks. Sigma_c is stored in float32, the Cholesky factor of Sigma_c + 1e-4 I computed in float64 (the code:
+  MultivariateNormal in float32, L436); samples from torch's global generator (seeded by train.py). inflora_ca.py
+  turns the logit norm off on CIFAR-100 (L53-56); inflora_ca1.py keeps tau = 0.1, as here (--ca-logit-norm 0: off).
+  Heads are kept after alignment. --ca keeps InfLoRA's own training recipe: the official CIFAR CA config also changes
+  it (SGD 1e-3, heads 1e-2, wd 1e-3, r = 5; MultiStepLR at epoch 18, inflora_ca1.py L195-197) and inflora_ca1.py
+  replaces the pretrained final LayerNorm by a fresh one on CIFAR (L54-56); neither is reproduced.
 
 Run: python train.py --method inflora --tasks 10          (InfLoRA+CA: add --ca; InfLoRA-b5: --blocks 5)
 """
@@ -82,7 +75,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import Merged, attach, check_options, features, fold, low_rank, qkv_rows
+from backbone import Merged, attach, check_options, features, fold, low_rank
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -107,14 +100,11 @@ class Config:
     memory: str = "auto"
     """'dualgpm' (inflora.py), 'gpm' (always 'remove'; inflora_ca1.py) or 'auto' (gpm with --ca, else dualgpm)"""
     optimizer: str = "adam"
-    """'adam' with the epoch cosine (configs), or 'sgd', DomainNet's (methods/inflora_domain.py L170-183): momentum
-    0.9, the head at head_lr, lr x 0.1 at each of the milestones"""
+    """'adam' + the epoch cosine (configs); 'sgd': DomainNet's, momentum 0.9, x 0.1 at epoch 4 (inflora_domain.py)"""
     lr: float = 5e-4
     """learning rate (InfLoRA config)"""
     head_lr: float = 0.01
     """'sgd': the head's learning rate (domainnet_inflora.json L21)"""
-    milestones: str = "4"
-    """'sgd': epochs at which both learning rates drop tenfold, comma-separated (inflora_domain.py L182-183)"""
     weight_decay: float = 0.0
     """weight decay (InfLoRA config)"""
     epochs: int = 20
@@ -137,18 +127,13 @@ class Config:
     """tau of the per-task logit normalisation (0: plain CE)"""
 
 
-# the official settings per dataset, applied by `train.py --preset paper --dataset NAME`: task split and class
-# order (train.py options) and the Config values that differ from CIFAR-100's, from configs/ @ e08b00e. Every
-# config sets "shuffle": false (L8): the natural class order. There is no ImageNet-A or CUB config.
-OFFICIAL = {
-    "cifar100": dict(tasks=10, natural_order=True),  # cifar100_inflora.json L9-10
-    "imagenet_r": dict(tasks=10, natural_order=True, epochs=50, lamb=0.98),
-    # mimg10_inflora.json L9-10, L18 and L23, L29 (mimg5 and mimg20, 5 and 20 tasks, have the same values)
-    "domainnet": dict(tasks=5, natural_order=True, epochs=5, rank=30, optimizer="sgd", lr=0.005, head_lr=0.01,
-                      milestones="4", memory="gpm"),
-    # domainnet_inflora.json L9-10, L18 and L20, L26, L19, L22, L21; methods/inflora_domain.py L182-183 and L207
-    # (update_GPM: always 'remove')
-}
+# official settings (`--preset paper --dataset NAME`), configs/{cifar100,mimg10,domainnet}_inflora.json: shuffle false
+# L8, tasks L9-10, epochs L18/L23 (domainnet L18/L20), lamb L29, rank L26, lrate L22, fc_lrate L21 (mimg5/20: 5/20
+# tasks); DomainNet runs methods/inflora_domain.py (SGD, MultiStepLR [4]: L170-183; GPM: L207). No ImageNet-A, CUB.
+OFFICIAL = {"cifar100": dict(tasks=10, natural_order=True),
+            "imagenet_r": dict(tasks=10, natural_order=True, epochs=50, lamb=0.98),
+            "domainnet": dict(tasks=5, natural_order=True, epochs=5, rank=30, optimizer="sgd", lr=0.005, head_lr=0.01,
+                              memory="gpm")}
 
 CHOICES = {"memory": ("auto", "dualgpm", "gpm"), "optimizer": ("adam", "sgd")}
 
@@ -165,8 +150,6 @@ def validate(cfg: Config, vit: nn.Module | None = None) -> None:
         ("energy_power", cfg.energy_power in (4, 2), "one of 4, 2"), ("total_tasks", cfg.total_tasks >= 0, ">= 0"),
         ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
         ("head_lr", math.isfinite(cfg.head_lr) and cfg.head_lr > 0, "> 0"),
-        ("milestones", ints(cfg.milestones) is not None and all(e >= 1 for e in ints(cfg.milestones)),
-         "epochs >= 1, comma-separated"),
         ("epochs", cfg.epochs >= 0, ">= 0"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
         ("ca_epochs", cfg.ca_epochs >= 1, ">= 1"), ("ca_lr", cfg.ca_lr > 0, "> 0"),
         ("ca_weight_decay", cfg.ca_weight_decay >= 0, ">= 0"), ("ca_samples", cfg.ca_samples >= 1, ">= 1"),
@@ -190,8 +173,7 @@ class Adapter(nn.Module):
         self.register_buffer("basis", torch.zeros(d, d, dtype=torch.float64))
         self.register_buffer("width", torch.zeros((), dtype=torch.long))
         self.register_buffer("mode", torch.zeros((), dtype=torch.long))
-        self.recording = False
-        self.moment, self.count = None, 0
+        self.recording, self.moment, self.count = False, None, 0
 
     def grow(self) -> None:
         device = self.basis.device
@@ -274,21 +256,18 @@ class InfLoRA(nn.Module):
 
     def optimizer(self, steps_per_epoch: int):
         params = [p for p in self.parameters() if p.requires_grad]
-        if self.cfg.optimizer == "sgd":  # DomainNet: two learning rates, MultiStepLR (inflora_domain.py L170-183)
+        if self.cfg.optimizer == "sgd":  # DomainNet (inflora_domain.py L170-183): the head at its own lr
             head = {id(p) for p in self.heads[-1].parameters()}
-            groups = [{"params": [p for p in params if id(p) not in head]}, {"params": [p for p in params if id(p) in
-                      head], "lr": self.cfg.head_lr}]
-            opt = torch.optim.SGD(groups, lr=self.cfg.lr, momentum=0.9, weight_decay=self.cfg.weight_decay)
-            return opt, torch.optim.lr_scheduler.LambdaLR(opt, multistep(ints(self.cfg.milestones), 0.1,
-                                                                          steps_per_epoch))
+            opt = torch.optim.SGD([{"params": [p for p in params if id(p) not in head]}, {"params": list(
+                self.heads[-1].parameters()), "lr": self.cfg.head_lr}], lr=self.cfg.lr, momentum=0.9,
+                weight_decay=self.cfg.weight_decay)
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1 ** (step >= 4 * steps_per_epoch))
         opt = torch.optim.Adam(params, lr=self.cfg.lr, betas=(0.9, 0.999), weight_decay=self.cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, inflora_cosine(self.cfg.epochs, steps_per_epoch))
         return opt, sched
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        f = features(self.vit, x)
-        K_t = self.offsets[-2]
-        return F.cross_entropy(self.heads[-1](f), y - K_t)
+        return F.cross_entropy(self.heads[-1](features(self.vit, x)), y - self.offsets[-2])  # y - K_t
 
     @torch.no_grad()
     def end_task(self, t: int, classes: list[int], data) -> None:
@@ -380,16 +359,6 @@ class InfLoRA(nn.Module):
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold sum_s B_s A_s into the qkv weights and zero every B: the function is unchanged."""
-        d = self.vit.embed_dim
-        for blk, ad in zip(self.vit.blocks, self.adapters):
-            for m in ad.targets:
-                blk.attn.qkv.weight[qkv_rows(m, d)] += ad.delta_weight(m)
-            for b in ad.B.parameters():
-                b.zero_()
 
 
 Method = InfLoRA
@@ -511,18 +480,3 @@ def task_normalised(z: torch.Tensor, sizes: list[int], tau: float) -> torch.Tens
     norms = torch.stack([b.norm(dim=1) + 1e-7 for b in z.split(sizes, dim=1)], dim=1).mean(1, keepdim=True)
     return z / norms / tau
 
-
-def multistep(milestones: list[int], gamma: float, steps_per_epoch: int):
-    """MultiStepLR (inflora_domain.py L182-183, stepped once per epoch at L245) as a per-step multiplier."""
-    def factor(step: int) -> float:
-        e = step // max(steps_per_epoch, 1)
-        return gamma ** sum(e >= ms for ms in milestones)
-    return factor
-
-
-def ints(text: str) -> list[int] | None:
-    """'10, 8,6' -> [10, 8, 6]; None if a value is not an integer."""
-    try:
-        return [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        return None

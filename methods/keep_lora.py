@@ -117,10 +117,6 @@ class Config:
     """training batch size (MTIL, L13)"""
 
 
-# the official settings per dataset (`train.py --preset paper --dataset NAME`): none:
-# KeepLoRA's code (MaolinLuo/KeepLoRA @ a17f9c2) has no class-incremental ViT setting
-OFFICIAL: dict = {}
-
 CHOICES = {"feature_mode": ("covariance", "official_mean"), "weight_basis_side": ("input", "output"),
            "threshold_rule": ("official", "paper"), "b0_init": ("svd", "zero")}
 

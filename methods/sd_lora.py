@@ -24,9 +24,7 @@ up-projection):
 Defaults (exps/sdlora_c100.json; models/sdlora.py L114-121): SGD momentum 0.9, no weight decay, lr 8e-3; constant lr
 (MultiStepLR milestones [40, 70] lie beyond the 20 epochs; task 0's [60, 120, 170], L101-103, too), 20 epochs,
 batch 128, rank 10; alpha_init 0.8 with every alpha re-created at 0.8 each task (the network is rebuilt every task,
-L109, with fresh magnitudes, lora.py L326-328); "prod" normalisation; tau = 9e-4 (paper). Task 0 trains at
-init_lr, later tasks at lrate (L95-100, L114-118): equal in every config but ImageNet-A's (`later_lr`); OFFICIAL
-below holds each dataset's values.
+L109, with fresh magnitudes, lora.py L326-328); "prod" normalisation; tau = 9e-4 (paper). Other datasets: OFFICIAL.
 
 Where the equations live: Eq. 4 in Adapter.forward (its frozen terms, with w_k = s_k / nu_k: Adapter.frozen; folded
 into W for inference: Adapter.delta, Method.merged); nu and 1/nu: normaliser, inverse_norm (frozen in Method.grow);
@@ -93,14 +91,13 @@ class Config:
     kd_threshold: str = "absolute"
     """'kd': compare kd_tau with the residual rho ('absolute', paper) or with rho / |U_t| ('relative')"""
     kd_target: str = "update"
-    """'kd': fit the applied update s_t B_t A_t ('update', function-preserving) or the direction ('direction',
-    paper-literal)"""
+    """'kd': fit the applied update s_t B_t A_t ('update', function-preserving) or the direction (paper-literal)"""
     optimizer: str = "sgd"
     """'sgd' with momentum 0.9 (official code) or 'adam' (paper text)"""
     lr: float = 8e-3
     """learning rate (code, CIFAR-100: 8e-3; ImageNet-R: 1e-2; paper: 8e-3)"""
     later_lr: float = 0.0
-    """learning rate of the tasks after the first ('lrate' of the configs; 0: lr, as every config but ImageNet-A's)"""
+    """lr of the tasks t >= 1 ('lrate', models/sdlora.py L114-118; 0: lr, as in every config but ImageNet-A's)"""
     momentum: float = 0.9
     """SGD momentum (official code)"""
     weight_decay: float = 0.0
@@ -115,22 +112,16 @@ class Config:
     """training batch size (paper and code)"""
 
 
-# the backbone of the `paper` preset: SD-LoRA's code creates timm's "vit_base_patch16_224" (models/sdlora.py
-# L70), whose default pretrained tag in timm >= 0.9 is the IN-21K -> IN-1K fine-tuned one, not the IN-21K
-# weights the other methods start from
+# the `paper` preset's backbone: the code creates timm's "vit_base_patch16_224" (models/sdlora.py L70), whose default
+# tag in timm >= 0.9 is IN-21K -> IN-1K fine-tuned, not the IN-21K weights the other methods start from
 PAPER_WEIGHTS = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
 
-# the official settings per dataset, applied by `train.py --preset paper --dataset NAME`: task split and class
-# order (train.py options) and the Config values that differ from CIFAR-100's, each from exps/ @ 8bacded. There
-# is no CUB config. DomainNet's config never ran at 8bacded: utils/data_manager.py L242 has no loader for it.
-OFFICIAL = {
-    "cifar100": dict(tasks=10, order_seed=1993),  # sdlora_c100.json L8-9, L13
-    "imagenet_r": dict(tasks=10, order_seed=1995, lr=1e-2),  # sdlora_inr.json L8-9, L17, L19 and L24
-    "imagenet_a": dict(tasks=10, order_seed=1993, lr=1e-2, later_lr=5e-3, milestones="10,15", lr_decay=0.05),
-    # sdlora_ina.json L8-9, L17, L19, L24, L20 and L25, L21 and L26
-    "domainnet": dict(tasks=5, order_seed=1993, epochs=10, lr=0.02, milestones="4,6,8", lr_decay=0.005),
-    # sdlora_dom.json L8-9, L17, L18 and L23, L19 and L24, L20-21 and L25-26 (its milestone 10000 never comes)
-}
+# official settings per dataset (`train.py --preset paper --dataset NAME`), exps/sdlora_{c100,inr,ina,dom}.json: tasks
+# L8-9, seed L13 or L17, epochs L18/L23, init_lr L19, lrate L24, milestones L20/L25 (dom's 10000 never comes), decay
+# L21/L26. No CUB config; dom's never ran at 8bacded (no DomainNet loader: utils/data_manager.py L242).
+OFFICIAL = {"cifar100": dict(tasks=10, order_seed=1993), "imagenet_r": dict(tasks=10, order_seed=1995, lr=1e-2),
+            "imagenet_a": dict(tasks=10, order_seed=1993, lr=1e-2, later_lr=5e-3, milestones="10,15", lr_decay=0.05),
+            "domainnet": dict(tasks=5, order_seed=1993, epochs=10, lr=0.02, milestones="4,6,8", lr_decay=0.005)}
 
 CHOICES = {"variant": ("base", "rr", "kd"), "norm_mode": ("prod", "frob"), "magnitudes": ("reset", "carry"),
            "kd_threshold": ("absolute", "relative"), "kd_target": ("update", "direction"), "optimizer": ("sgd", "adam")}
@@ -140,11 +131,10 @@ def validate(cfg: Config, vit: nn.Module | None = None) -> None:
     """Raise ValueError for the first option of `cfg` that cannot run."""
     ranks, milestones = ints(cfg.rr_ranks), ints(cfg.milestones)
     check_options(cfg, CHOICES, [
-        ("rank", cfg.rank >= 1, ">= 1"),
+        ("rank", cfg.rank >= 1, ">= 1"), ("later_lr", math.isfinite(cfg.later_lr) and cfg.later_lr >= 0, ">= 0"),
         ("rr_ranks", bool(ranks) and min(ranks) >= 1, "ranks >= 1, comma-separated"),
         ("milestones", milestones is not None and all(e >= 1 for e in milestones), "epochs >= 1, comma-separated"),
         ("lr", math.isfinite(cfg.lr) and cfg.lr > 0, "> 0"), ("alpha_init", math.isfinite(cfg.alpha_init), "finite"),
-        ("later_lr", math.isfinite(cfg.later_lr) and cfg.later_lr >= 0, ">= 0"),
         ("kd_tau", cfg.kd_tau >= 0, ">= 0"), ("momentum", cfg.momentum >= 0, ">= 0"),
         ("weight_decay", cfg.weight_decay >= 0, ">= 0"), ("lr_decay", cfg.lr_decay > 0, "> 0"),
         ("epochs", cfg.epochs >= 0, ">= 0"), ("batch_size", cfg.batch_size >= 1, ">= 1")])
@@ -269,15 +259,11 @@ class SDLoRA(nn.Module):
     def optimizer(self, steps_per_epoch: int):
         params = [p for p in self.parameters() if p.requires_grad]
         lr = self.cfg.later_lr if len(self.offsets) > 2 and self.cfg.later_lr else self.cfg.lr  # init_lr / lrate
-        if self.cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
-        else:
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=self.cfg.weight_decay)
-        milestones = ints(self.cfg.milestones)
-        if not milestones:
-            return opt, None
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, multistep(milestones, self.cfg.lr_decay, steps_per_epoch))
-        return opt, sched
+        opt = (torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+               if self.cfg.optimizer == "sgd" else torch.optim.Adam(params, lr=lr, weight_decay=self.cfg.weight_decay))
+        milestones = ints(self.cfg.milestones)  # none: a constant lr, no scheduler
+        factor = multistep(milestones, self.cfg.lr_decay, steps_per_epoch)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor) if milestones else None
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.heads[-1](features(self.vit, x)), y - self.offsets[-2])  # y - K_t
@@ -307,9 +293,7 @@ class SDLoRA(nn.Module):
 
     def rank_of(self, t: int) -> int:
         """r_t: cfg.rank, or the -RR schedule (models/sdlora.py L76-85)."""
-        if self.cfg.variant != "rr":
-            return self.cfg.rank
-        ranks = ints(self.cfg.rr_ranks)
+        ranks = ints(self.cfg.rr_ranks) if self.cfg.variant == "rr" else [self.cfg.rank]
         return ranks[min(t, len(ranks) - 1)]
 
     @torch.no_grad()
@@ -362,9 +346,7 @@ def frob_inner(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.T
 
 def normaliser(b: torch.Tensor, a: torch.Tensor, mode: str) -> torch.Tensor:
     """nu: |B|_F |A|_F ('prod', official code) or |B A|_F ('frob', paper)."""
-    if mode == "prod":
-        return b.norm() * a.norm()
-    return frob_inner(b, a, b, a).clamp_min(0).sqrt()
+    return b.norm() * a.norm() if mode == "prod" else frob_inner(b, a, b, a).clamp_min(0).sqrt()
 
 
 def inverse_norm(nu: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,12 @@ Implements (A = down-projection r x d, B = up-projection d x r):
     inference:     argmax over [h_0(f); ...; h_t(f)], no task id: `forward`, `merged`
     Adam (0.9, 0.999), lr 5e-4, wd 0, batch 128, 20 epochs (InfLoRA configs/cifar100_inflora.json, methods/inflora.py
     L178-180); epoch cosine eta_e = eta_0 cos(99 pi max(e - 1, 0) / (200 (E - 1))), e = 0..E-1 (`inflora_cosine`)
+    ImageNet-R: 50 epochs, as InfLoRA's configs/mimg10_inflora.json L18 and L23 (`OFFICIAL`, per dataset)
 The LoRA is never frozen, never expanded, and trained on task after task with a new optimiser per task.
 
 Deviations:
 - Targets q and v by default, as SD-LoRA and CL-LoRA; InfLoRA adapts k and v: `--targets kv`.
-- Heads are sized per task (InfLoRA's heads all have init_cls rows, models/sinet_inflora.py L72-77),
-  which makes uneven splits work.
+- Heads are sized per task (InfLoRA's all have init_cls rows, models/sinet_inflora.py L72-77): uneven splits work.
 - train.py evaluates `merged()`: B A written into the qkv rows of a copy of the ViT, one plain backbone forward
   (InfLoRA adds its LoRA in every forward, models/vit_inflora.py L245-249); the logits of `forward` up to rounding.
 
@@ -59,12 +59,7 @@ class Config:
     """training batch size (InfLoRA config)"""
 
 
-# per dataset, applied by `train.py --preset paper --dataset NAME`: this baseline has no code of its own and trains
-# as InfLoRA's configs do (liangyanshuo/InfLoRA @ e08b00e configs/), on the class order of the table it joins
-OFFICIAL = {
-    "cifar100": {},  # cifar100_inflora.json: the defaults above
-    "imagenet_r": dict(epochs=50),  # mimg10_inflora.json L18 and L23
-}
+OFFICIAL = {"cifar100": {}, "imagenet_r": dict(epochs=50)}  # `--preset paper --dataset NAME`: as InfLoRA's configs
 
 CHOICES = {"loss": ("local", "full")}
 
@@ -110,8 +105,7 @@ class SeqLoRA(nn.Module):
         self.vit = vit
         for p in vit.parameters():
             p.requires_grad_(False)
-        d = vit.embed_dim
-        attach(vit, "qkv_adapter", lambda i, attn: Adapter(d, cfg.rank, cfg.targets))
+        attach(vit, "qkv_adapter", lambda i, attn: Adapter(vit.embed_dim, cfg.rank, cfg.targets))
         self.heads = nn.ModuleList()
         self.offsets: list[int] = [0]  # K_t for every grown task, then C_t
 
@@ -135,9 +129,8 @@ class SeqLoRA(nn.Module):
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         f = features(self.vit, x)
-        K_t = self.offsets[-2]
-        if self.cfg.loss == "local":
-            return F.cross_entropy(self.heads[-1](f), y - K_t)
+        if self.cfg.loss == "local":  # y - K_t
+            return F.cross_entropy(self.heads[-1](f), y - self.offsets[-2])
         return F.cross_entropy(self.logits(f), y)
 
     def end_task(self, t: int, classes: list[int], data) -> None:

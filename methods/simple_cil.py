@@ -39,14 +39,11 @@ class Config:
     """batch size of the prototype pass"""
 
 
-# the official settings per dataset, applied by `train.py --preset paper --dataset NAME`: task split, class order
-# and weights, from LAMDA-PILOT @ 2647455 exps/ (L8-9, L13, L11: "pretrained_vit_b16_224", timm 0.6.12's
-# vit_base_patch16_224, IN-21K -> IN-1K fine-tuned, utils/inc_net.py L12-13). No other dataset has a config.
-OFFICIAL = {
-    "cifar100": dict(tasks=10, order_seed=1993, weights="vit_base_patch16_224.augreg_in21k_ft_in1k"),  # simplecil.json
-    "imagenet_r": dict(tasks=10, order_seed=1993, weights="vit_base_patch16_224.augreg_in21k_ft_in1k"),
-    # simplecil_inr.json
-}
+# the official settings per dataset (`train.py --preset paper --dataset NAME`), LAMDA-PILOT @ 2647455
+# exps/simplecil.json and simplecil_inr.json: tasks L8-9, seed L13, L11 "pretrained_vit_b16_224" = timm 0.6.12's
+# vit_base_patch16_224, IN-21K -> IN-1K fine-tuned (utils/inc_net.py L12-13). No other dataset has a config.
+OFFICIAL = {d: dict(tasks=10, order_seed=1993, weights="vit_base_patch16_224.augreg_in21k_ft_in1k")
+            for d in ("cifar100", "imagenet_r")}
 
 CHOICES: dict = {}
 

@@ -148,10 +148,6 @@ class Config:
     """temperature tau of the alignment's logit normalisation z / (tau ||z||) (official code: 0.1)"""
 
 
-# the official settings per dataset (`train.py --preset paper --dataset NAME`): none:
-# FqWan24/SR-2-LoRA @ ea5da65 does not commit its configs (scripts/*.sh read them from /data/wfq/...)
-OFFICIAL: dict = {}
-
 CHOICES = {"sr_width_norm": ("off", "on"), "relation": ("spectral", "batch", "cosine", "feature_all", "feature_last"),
            "optim": ("adam", "sgd"), "ca": ("sr2", "ce", "none")}
 
